@@ -1,0 +1,40 @@
+"""loldu-triton: LoLDU parameter-efficient fine-tuning with fused Triton kernels and a PyTorch path."""
+from ._version import __version__
+from .adapters import load_loldu, save_loldu
+from .api import (
+    LoLDUParametrization,
+    add_loldu,
+    disable_loldu,
+    enable_loldu,
+    get_loldu_params,
+    get_loldu_state_dict,
+    loldu_layers,
+    merge_loldu,
+    print_trainable_parameters,
+    remove_loldu,
+)
+from .factorize import INITS, LDUFactors, ldu_factors
+from .functional import loldu_linear, loldu_merge
+from .layer import LoLDULinear
+
+__all__ = [
+    "__version__",
+    "INITS",
+    "LDUFactors",
+    "LoLDULinear",
+    "LoLDUParametrization",
+    "add_loldu",
+    "disable_loldu",
+    "enable_loldu",
+    "get_loldu_params",
+    "get_loldu_state_dict",
+    "ldu_factors",
+    "load_loldu",
+    "loldu_layers",
+    "loldu_linear",
+    "loldu_merge",
+    "merge_loldu",
+    "print_trainable_parameters",
+    "remove_loldu",
+    "save_loldu",
+]

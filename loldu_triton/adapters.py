@@ -1,0 +1,196 @@
+"""Adapter files: adapter_config.json (settings and a fingerprint of each base weight) and
+adapter_model.safetensors (only d and s: (r + 1) float32 values per layer)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Dict
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ._version import __version__
+from .api import _replace, _why_not_adaptable, loldu_layers
+from .factorize import weight_checksum
+from .layer import LoLDULinear
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "loldu-triton-adapter"
+FORMAT_VERSION = 1
+# A base weight whose pivots match but whose bytes differ (another dtype, rounding) is accepted, with a
+# warning, when its pivot values agree to this relative tolerance (bf16 rounding is ~4e-3).
+PIVOT_VALUE_RTOL = 1e-2
+
+
+def _fingerprint(layer: LoLDULinear) -> dict:
+    return {
+        "pivots": layer.pivots.tolist(),
+        "pivot_values": layer.pivot_values.tolist(),
+        "sha256": weight_checksum(layer.weight),
+        "dtype": str(layer.weight.dtype).replace("torch.", ""),
+    }
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_loldu(model: nn.Module, directory) -> Path:
+    """Write the model's LoLDU adapter to ``directory`` (created if needed); returns the directory."""
+    layers = loldu_layers(model)
+    if not layers:
+        raise ValueError("save_loldu: the model has no LoLDU layer")
+    if any(not name for name, _ in layers):
+        raise ValueError("save_loldu: the model itself is a LoLDULinear; save a module that contains it")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    settings = {(layer.rank, layer.alpha, layer.init, layer.init_seed) for _, layer in layers}
+    common = next(iter(settings)) if len(settings) == 1 else (None, None, None, None)
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "rank": common[0],
+        "alpha": common[1],
+        "init": common[2],
+        "target_modules": [name for name, _ in layers],
+        "layers": {
+            name: {
+                "rank": layer.rank,
+                "alpha": layer.alpha,
+                "init": layer.init,
+                "init_seed": layer.init_seed,
+                "in_features": layer.in_features,
+                "out_features": layer.out_features,
+                "base": _fingerprint(layer),
+            }
+            for name, layer in layers
+        },
+    }
+    tensors = {}
+    for name, layer in layers:
+        tensors[f"{name}.d"] = layer.d.detach().to("cpu", torch.float32).contiguous()
+        tensors[f"{name}.s"] = layer.s.detach().to("cpu", torch.float32).reshape(())
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1)))
+    return directory
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"load_loldu: no adapter config at {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"load_loldu: {path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"load_loldu: {path} is not a loldu-triton adapter config")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"load_loldu: {path} has format version {config['format_version']}, newer than this "
+                         f"library ({__version__}) reads")
+    return config
+
+
+def _read_tensors(path: Path, layers: dict) -> Dict[str, torch.Tensor]:
+    try:
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"load_loldu: no adapter weights at {path}") from None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"load_loldu: {path} is truncated or corrupt ({err})") from None
+    expected = {f"{name}.{p}" for name in layers for p in ("d", "s")}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ValueError(f"load_loldu: {path} does not match its config (missing {missing}, unexpected {extra})")
+    for name, spec in layers.items():
+        for key, shape in ((f"{name}.d", (spec["rank"],)), (f"{name}.s", ())):
+            t = tensors[key]
+            if t.dtype != torch.float32 or tuple(t.shape) != shape:
+                raise ValueError(f"load_loldu: {path}: {key} is {t.dtype} {tuple(t.shape)}, expected float32 {shape}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"load_loldu: {path}: {key} contains NaN or Inf")
+    return tensors
+
+
+def _check_base(name: str, layer: LoLDULinear, saved: dict, path: Path) -> None:
+    if layer.pivots.tolist() != saved["pivots"]:
+        raise ValueError(f"load_loldu: layer {name!r} has a different base weight than the adapter in {path} "
+                         f"was trained on (its LU pivots differ)")
+    if weight_checksum(layer.weight) == saved["sha256"]:
+        return
+    ref = torch.tensor(saved["pivot_values"], dtype=torch.float64)
+    gap = float((layer.pivot_values.double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    if gap > PIVOT_VALUE_RTOL:
+        raise ValueError(f"load_loldu: layer {name!r} has a different base weight than the adapter in {path} "
+                         f"was trained on (pivot values differ by {gap:.2e} relative)")
+    warnings.warn(f"load_loldu: layer {name!r}: base weight is not byte-identical to the one the adapter was "
+                  f"trained on ({saved['dtype']} there, {layer.weight.dtype} here; pivot values agree to "
+                  f"{gap:.1e}); loading", stacklevel=3)
+
+
+def load_loldu(model: nn.Module, directory, adapter_name: str = "default") -> nn.Module:
+    """Load an adapter written by ``save_loldu`` into ``model`` (a plain base model, or one with LoLDU).
+
+    Layers without LoLDU get it; every check (files, layer names and shapes, base-weight fingerprints) runs
+    before anything changes, so on an error the model is left exactly as it was.
+    """
+    if adapter_name != "default":
+        raise ValueError(f"load_loldu: only adapter_name='default' is supported, got {adapter_name!r}")
+    directory = Path(directory)
+    config = _read_config(directory / CONFIG_NAME)
+    layers = config["layers"]
+    tensors = _read_tensors(directory / WEIGHTS_NAME, layers)
+
+    plan = []  # (name, layer to hold the values, whether it replaces the module)
+    modules = dict(model.named_modules())
+    for name, spec in layers.items():
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            found = "nothing" if module is None else type(module).__name__
+            raise ValueError(f"load_loldu: the adapter in {directory} has layer {name!r}, but the model has "
+                             f"{found} there (an nn.Linear is needed)")
+        if (module.in_features, module.out_features) != (spec["in_features"], spec["out_features"]):
+            raise ValueError(f"load_loldu: layer {name!r} is {module.out_features}x{module.in_features}, the "
+                             f"adapter expects {spec['out_features']}x{spec['in_features']}")
+        settings = (spec["rank"], spec["alpha"], spec["init"], spec["init_seed"])
+        if isinstance(module, LoLDULinear) and (module.rank, module.alpha, module.init, module.init_seed) == settings:
+            target, replaces = module, False
+        else:
+            if not isinstance(module, LoLDULinear):
+                parent = modules[name.rpartition(".")[0]]
+                reason = _why_not_adaptable(name, module, parent)
+                if reason:
+                    raise ValueError(f"load_loldu: cannot adapt {name!r}: {reason}")
+            backend = getattr(module, "backend", "auto")
+            target = LoLDULinear.from_linear(module, spec["rank"], spec["alpha"], spec["init"], spec["init_seed"],
+                                             backend, name, freeze=False)
+            if isinstance(module, LoLDULinear):
+                target.base_requires_grad = module.base_requires_grad
+            replaces = True
+        _check_base(name, target, spec["base"], directory)
+        plan.append((name, target, replaces))
+
+    others = [n for n, _ in loldu_layers(model) if n not in layers]
+    if others:
+        warnings.warn(f"load_loldu: {others} have LoLDU but are not in the adapter; left as they are", stacklevel=2)
+    for name, target, replaces in plan:
+        with torch.no_grad():
+            target.d.copy_(tensors[f"{name}.d"])
+            target.s.copy_(tensors[f"{name}.s"])
+        if replaces:
+            target.freeze_base()
+            _replace(model, name, target)
+    return model

@@ -1,0 +1,222 @@
+"""The public API of the LoLDU reference code (minloldu), backed by LoLDULinear, plus PEFT-style targeting."""
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .layer import LoLDULinear, LoLDUMixin
+
+
+class LoLDUParametrization(LoLDUMixin, nn.Module):
+    """A weight parametrization ``W -> W + L diag(e) U`` (usable with torch.nn.utils.parametrize).
+
+    ``add_loldu`` turns one made for an ``nn.Linear`` into a ``LoLDULinear``, which never rebuilds the weight.
+    """
+
+    def __init__(self, weight: torch.Tensor, rank: int, alpha=None, init="lu", init_seed=0, name="weight"):
+        nn.Module.__init__(self)
+        self._init_loldu(weight, rank, alpha, init, init_seed, name)
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, rank: int, alpha=None, init="lu", init_seed=0):
+        return cls(layer.weight, rank, alpha, init, init_seed, name=f"{type(layer).__name__} weight")
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.loldu_enabled:
+            return weight
+        delta = (self.L.float() * self.loldu_scale()) @ self.U.float()
+        return weight + delta.to(weight.dtype)
+
+
+def loldu_layers(model: nn.Module) -> List[Tuple[str, LoLDULinear]]:
+    """(name, layer) of every LoLDULinear in ``model``."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoLDULinear)]
+
+
+def _why_not_adaptable(name: str, module: nn.Module, parent: Optional[nn.Module]) -> Optional[str]:
+    """None when LoLDULinear can stand in for this nn.Linear, else the reason it cannot."""
+    if isinstance(parent, nn.MultiheadAttention):
+        return "nn.MultiheadAttention reads its out_proj weight directly, bypassing the layer's forward"
+    if type(module).forward is not nn.Linear.forward:
+        return f"{type(module).__name__} overrides nn.Linear.forward, which LoLDULinear would bypass"
+    return None
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attr, new)
+
+
+def _select_targets(model, target_modules) -> Tuple[List[str], List[str]]:
+    """Names of the nn.Linear layers to adapt, and of targeted layers that already have LoLDU."""
+    modules = dict(model.named_modules())
+    parents = {f"{p}.{c}" if p else c: m for p, m in modules.items() for c, _ in m.named_children()}
+
+    def adaptable(name):
+        return _why_not_adaptable(name, modules[name], parents.get(name)) is None
+
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n]
+    if target_modules is None or target_modules == "all-linear":
+        chosen = [n for n in linears if isinstance(modules[n], LoLDULinear) or adaptable(n)]
+        skipped = [n for n in linears if n not in chosen]
+        if skipped:
+            warnings.warn(f"add_loldu: left out {skipped}: " + "; ".join(
+                _why_not_adaptable(n, modules[n], parents.get(n)) for n in skipped), stacklevel=3)
+        if target_modules == "all-linear":
+            chosen = [n for n in chosen if n.rpartition(".")[2] != "lm_head"]
+    elif isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        chosen = [n for n in linears if pattern.fullmatch(n)]
+        if not chosen:
+            raise ValueError(f"add_loldu: target_modules regex {target_modules!r} matches no nn.Linear layer")
+    else:
+        chosen = []
+        for target in target_modules:
+            hits = [n for n in linears if n == target or n.endswith("." + target)]
+            if not hits:
+                raise ValueError(f"add_loldu: target_modules entry {target!r} matches no nn.Linear layer")
+            chosen += [n for n in hits if n not in chosen]
+    if not chosen:
+        raise ValueError("add_loldu: the model has no nn.Linear layer to adapt")
+    for n in chosen:
+        reason = None if isinstance(modules[n], LoLDULinear) else _why_not_adaptable(n, modules[n], parents.get(n))
+        if reason:
+            raise ValueError(f"add_loldu: cannot adapt {n!r}: {reason}")
+    existing = [n for n in chosen if isinstance(modules[n], LoLDULinear)]
+    return [n for n in chosen if n not in existing], existing
+
+
+def _config_factory(config: Dict[type, Dict[str, Callable]], module: nn.Module) -> Optional[Callable]:
+    """The factory of the most specific configured type that ``module`` is an instance of."""
+    for cls in type(module).__mro__:
+        if cls in config:
+            entry = config[cls]
+            if set(entry) != {"weight"}:
+                raise ValueError(f"add_loldu: loldu_config entries must be {{'weight': factory}}, got {entry}")
+            return entry["weight"]
+    return None
+
+
+def add_loldu(
+    model: nn.Module,
+    loldu_config: Optional[Dict[type, Dict[str, Callable]]] = None,
+    *,
+    rank: Optional[int] = None,
+    alpha: Optional[float] = None,
+    init: str = "lu",
+    init_seed: int = 0,
+    target_modules: Union[None, str, Sequence[str]] = None,
+    backend: str = "auto",
+) -> nn.Module:
+    """Replace the targeted nn.Linear layers of ``model`` with LoLDULinear, in place (and return the model).
+
+    Either the reference code's ``loldu_config`` ({nn.Linear: {"weight": partial(LoLDUParametrization
+    .from_linear, rank=r)}}) or ``rank=`` with ``target_modules``: None (every nn.Linear), "all-linear"
+    (all but an output head named ``lm_head``), a list of names (suffix match) or a regex (full match).
+    A rank larger than a layer can hold is clamped to its full rank with a warning. Layers that already have
+    LoLDU are left as they are. Nothing is changed if any layer fails.
+    """
+    if (loldu_config is None) == (rank is None):
+        raise ValueError("add_loldu: pass either loldu_config or rank=, not both and not neither")
+    if isinstance(model, nn.Linear):
+        raise ValueError("add_loldu: the model itself is an nn.Linear; use LoLDULinear.from_linear(layer, rank)")
+    if loldu_config is not None:
+        for cls in loldu_config:
+            if not (isinstance(cls, type) and issubclass(cls, nn.Linear)):
+                raise ValueError(f"add_loldu: only nn.Linear layers are supported, loldu_config names {cls}")
+        targets, existing = _select_targets(model, None)
+        targets = [n for n in targets if _config_factory(loldu_config, model.get_submodule(n))]
+    else:
+        targets, existing = _select_targets(model, target_modules)
+    if existing:
+        warnings.warn(f"add_loldu: {existing} already have LoLDU; left as they are (adapters never stack)",
+                      stacklevel=2)
+
+    built: Dict[str, LoLDULinear] = {}
+    for name in targets:
+        linear = model.get_submodule(name)
+        if loldu_config is not None:
+            try:
+                spec = _config_factory(loldu_config, linear)(linear)
+            except ValueError as err:
+                raise ValueError(f"add_loldu: layer {name!r}: {err}") from err
+            if not isinstance(spec, LoLDUParametrization):
+                raise TypeError(f"add_loldu: the factory for {name!r} must return a LoLDUParametrization")
+            layer = LoLDULinear.from_parametrization(linear, spec, backend, name, freeze=False)
+        else:
+            full = min(linear.in_features, linear.out_features)
+            if rank > full:
+                warnings.warn(f"add_loldu: {name!r} ({linear.out_features}x{linear.in_features}) holds at most "
+                              f"rank {full}; using {full} instead of {rank}", stacklevel=2)
+            layer = LoLDULinear.from_linear(linear, min(rank, full), alpha, init, init_seed, backend, name,
+                                            freeze=False)
+        built[name] = layer
+    for name, layer in built.items():
+        layer.freeze_base()
+        _replace(model, name, layer)
+    return model
+
+
+def get_loldu_params(model: nn.Module, print_shapes: bool = False) -> List[nn.Parameter]:
+    """The trainable LoLDU parameters (d and s of every LoLDU layer)."""
+    params = []
+    for name, layer in loldu_layers(model):
+        for pname in ("d", "s"):
+            p = getattr(layer, pname)
+            if print_shapes:
+                print(f"{name}.{pname}: {tuple(p.shape)}")
+            params.append(p)
+    return params
+
+
+def get_loldu_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """{name: tensor} of the LoLDU parameters only, with the keys of ``model.state_dict()``."""
+    return {
+        f"{name}.{p}" if name else p: getattr(layer, p).detach()
+        for name, layer in loldu_layers(model)
+        for p in ("d", "s")
+    }
+
+
+def _set_enabled(model: nn.Module, enabled: bool) -> None:
+    for _, layer in loldu_layers(model):
+        layer.loldu_enabled = enabled
+
+
+def disable_loldu(model: nn.Module) -> None:
+    """The model computes exactly its base outputs until ``enable_loldu``."""
+    _set_enabled(model, False)
+
+
+def enable_loldu(model: nn.Module) -> None:
+    _set_enabled(model, True)
+
+
+def _unwrap(model: nn.Module, merge: bool) -> None:
+    for name, layer in loldu_layers(model):
+        if not name:
+            raise ValueError("the model itself is a LoLDULinear; use its to_linear(merge=...) method")
+        _replace(model, name, layer.to_linear(merge))
+
+
+def remove_loldu(model: nn.Module) -> None:
+    """Plain nn.Linear layers holding the untouched base weights (the trained adapter is discarded)."""
+    _unwrap(model, merge=False)
+
+
+def merge_loldu(model: nn.Module) -> None:
+    """Plain nn.Linear layers holding W0 + L diag(e) U (no LoLDU parameters left)."""
+    _unwrap(model, merge=True)
+
+
+def print_trainable_parameters(model: nn.Module) -> Tuple[int, int]:
+    """Prints and returns (trainable, total) parameter counts, like PEFT's."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+          f"trainable%: {100 * trainable / max(total, 1):.4f}")
+    return trainable, total

@@ -1,0 +1,140 @@
+"""``loldu_linear``: y = x W^T + b + ((x U^T) * e) L^T, with a backward that saves only t = x U^T.
+
+Two backends share one autograd.Function: "torch" (any device, the reference) and "triton" (the fused kernels
+in ``loldu_triton.kernels``). The out x in delta ``L diag(e) U`` is never built on the hot path.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _kernels():
+    from .kernels import loldu_linear as kernels  # imported lazily: triton is optional
+
+    return kernels
+
+
+def triton_usable(x: torch.Tensor) -> bool:
+    """Whether backend="auto" would run the Triton kernels for this input."""
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        _kernels()
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"loldu_linear: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if x.is_cuda and triton_usable(x) else "torch"
+    if backend == "triton":
+        try:
+            _kernels()
+        except ImportError as err:
+            raise RuntimeError(f"loldu_linear: backend='triton' needs the triton package ({err})") from err
+    return backend
+
+
+def _torch_forward(x2, weight, bias, L, U, e) -> Tuple[torch.Tensor, torch.Tensor]:
+    t = x2 @ U.T
+    y = F.linear(x2, weight, bias)
+    y.addmm_((t * e).to(y.dtype), L.T)
+    return y, t
+
+
+def _torch_backward(dy2, t, weight, L, U, e, need_dx: bool, need_grad_e: bool):
+    v = dy2 @ L
+    grad_e = torch.einsum("mr,mr->r", t.float(), v.float()) if need_grad_e else None
+    dx2 = None
+    if need_dx:
+        dx2 = dy2 @ weight
+        dx2.addmm_((v * e).to(dx2.dtype), U)
+    return dx2, grad_e
+
+
+class LoLDULinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, L, U, e, backend):
+        x2 = x.reshape(-1, x.shape[-1])
+        if backend == "triton":
+            y2, t = _kernels().forward(x2, weight, bias, L, U, e)
+        else:
+            y2, t = _torch_forward(x2, weight, bias, L, U, e)
+        # x itself is kept only when a gradient of the frozen weight or U is asked for.
+        needs_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[4]
+        ctx.save_for_backward(t, weight, L, U, e, x2 if needs_x else None)
+        ctx.backend = backend
+        ctx.x_shape = x.shape
+        return y2.reshape(*x.shape[:-1], y2.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        t, weight, L, U, e, x2 = ctx.saved_tensors
+        need_x, need_w, need_b, need_l, need_u, need_e, _ = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if ctx.backend == "triton" and (need_x or need_e):
+            dx2, grad_e = _kernels().backward(dy2, t, weight, L, U, e)
+        else:
+            dx2, grad_e = _torch_backward(dy2, t, weight, L, U, e, need_x, need_e)
+        dx = dx2.reshape(ctx.x_shape) if need_x else None
+        grad_w = (dy2.T @ x2).to(weight.dtype) if need_w else None
+        grad_b = dy2.sum(0) if need_b else None
+        grad_l = (dy2.T @ (t * e).to(dy2.dtype)).to(L.dtype) if need_l else None
+        grad_u = None
+        if need_u:
+            v = dy2 @ L
+            grad_u = ((v * e).to(dy2.dtype).T @ x2).to(U.dtype)
+        return dx, grad_w, grad_b, grad_l, grad_u, grad_e if need_e else None, None
+
+
+def check_operands(x, weight, bias, L, U, e, name: str = "loldu_linear") -> None:
+    out_f, in_f = weight.shape
+    rank = e.shape[0] if e.dim() == 1 else -1
+    if x.shape[-1] != in_f:
+        raise ValueError(f"{name}: input of shape {tuple(x.shape)} has last dim {x.shape[-1]}, expected {in_f}")
+    if e.dim() != 1 or L.shape != (out_f, rank) or U.shape != (rank, in_f):
+        raise ValueError(
+            f"{name}: factor shapes L {tuple(L.shape)}, U {tuple(U.shape)}, e {tuple(e.shape)} do not fit "
+            f"weight {tuple(weight.shape)} (want L (out, r), U (r, in), e (r,))"
+        )
+    if bias is not None and bias.shape != (out_f,):
+        raise ValueError(f"{name}: bias of shape {tuple(bias.shape)} does not fit weight {tuple(weight.shape)}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"{name}: input dtype {x.dtype} differs from weight dtype {weight.dtype}")
+
+
+def loldu_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    L: torch.Tensor,
+    U: torch.Tensor,
+    e: torch.Tensor,
+    backend: str = "auto",
+    *,
+    name: str = "loldu_linear",
+) -> torch.Tensor:
+    """``x (W + L diag(e) U)^T + b`` without building the out x in delta.
+
+    x: (..., in); weight: (out, in); bias: (out,) or None; L: (out, r); U: (r, in); e: (r,) float32.
+    backend: "auto" (Triton kernels for CUDA tensors, else PyTorch), "torch", or "triton" (never falls back).
+    name: how errors refer to the caller (a layer's name).
+    """
+    check_operands(x, weight, bias, L, U, e, name)
+    return LoLDULinearFunction.apply(x, weight, bias, L, U, e, resolve_backend(backend, x))
+
+
+def loldu_merge(weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor, e: torch.Tensor, backend: str = "auto"):
+    """``W + L diag(e) U`` in weight's dtype, accumulated in float32."""
+    if resolve_backend(backend, weight) == "triton":
+        return _kernels().merge(weight, L, U, e)
+    return torch.addmm(weight.float(), L.float() * e, U.float()).to(weight.dtype)
