@@ -1,0 +1,25 @@
+# Two commands for a fresh machine: `make demo` (the main job) and `make test`.
+# Each creates .venv and installs what it needs; torch==2.13.0 is the CPU wheel on the project's machines.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-%: setup.py | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[$*]"
+	touch $@
+
+.PHONY: demo test bench
+demo: $(VENV)/.installed-demo
+	$(BIN)/loldu-triton demo
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q tests
+
+bench: $(VENV)/.installed-bench
+	$(BIN)/loldu-triton bench

@@ -1,0 +1,29 @@
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = re.search(r'__version__ = "(.+)"', Path("loldu_triton/_version.py").read_text()).group(1)
+
+setup(
+    name="loldu-triton",
+    version=version,
+    description="LoLDU parameter-efficient fine-tuning with fused Triton kernels and a PyTorch path",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["loldu_triton", "loldu_triton.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "safetensors>=0.4",
+        "triton>=3.6; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4.60"],
+        "demo": ["matplotlib>=3.7", "tqdm>=4.60", "scikit-learn>=1.3"],
+    },
+    entry_points={"console_scripts": ["loldu-triton=loldu_triton.cli:main"]},
+)

@@ -1,0 +1,20 @@
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative Frobenius error against a (float64) reference; NaN never passes."""
+    actual, expected = actual.double(), expected.double()
+    err = float(torch.linalg.norm(actual - expected) / torch.linalg.norm(expected).clamp_min(1e-300))
+    return float("inf") if err != err else err

@@ -1,0 +1,260 @@
+import re
+import warnings
+from functools import partial
+
+import pytest
+import torch
+import torch.nn as nn
+
+import loldu_triton
+from loldu_triton import (
+    LoLDULinear,
+    LoLDUParametrization,
+    add_loldu,
+    disable_loldu,
+    enable_loldu,
+    get_loldu_params,
+    get_loldu_state_dict,
+    merge_loldu,
+    print_trainable_parameters,
+    remove_loldu,
+)
+
+
+class MyModel(nn.Module):  # the seed README's example model
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(in_features=15, out_features=15))
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+
+    def forward(self, x):
+        return self.mlp(self.q_proj(x) * torch.sigmoid(self.k_proj(x)) + self.v_proj(x))
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(), Block()])
+        self.lm_head = nn.Linear(16, 6)
+
+    def forward(self, x):
+        for block in self.layers:
+            x = x + block(x)
+        return self.lm_head(x)
+
+
+def train(model, x, steps=5, lr=1e-2):
+    opt = torch.optim.Adam(get_loldu_params(model), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+
+def seed_config(rank):
+    return {nn.Linear: {"weight": partial(LoLDUParametrization.from_linear, rank=rank)}}
+
+
+def test_seed_readme_examples_run_as_written():
+    # Quick Start + Usage Examples of the seed README, with minloldu replaced by loldu_triton
+    from loldu_triton import LoLDUParametrization, add_loldu, get_loldu_params, get_loldu_state_dict, merge_loldu
+
+    model = MyModel()
+    x = torch.randn(8, 15)
+    y_base = model(x)
+    loldu_config = {
+        nn.Linear: {
+            "weight": partial(LoLDUParametrization.from_linear, rank=15),
+        },
+    }
+    add_loldu(model, loldu_config=loldu_config)
+    assert isinstance(model.model[0], LoLDULinear)  # the fused layer, not a parametrization
+    for param in model.parameters():
+        param.requires_grad = False
+    for param in get_loldu_params(model):
+        param.requires_grad = True
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 15 + 1
+    assert torch.equal(model(x), y_base)
+    train(model, x)
+    y_trained = model(x)
+
+    state_dict_to_save = get_loldu_state_dict(model)
+    assert set(state_dict_to_save) == {"model.0.d", "model.0.s"}
+    torch.save(state_dict_to_save, "/tmp/_loldu_seed_state.pth")
+    fresh = MyModel()
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if k.endswith(("weight", "bias"))})
+    add_loldu(fresh, loldu_config=loldu_config)
+    loaded_state = torch.load("/tmp/_loldu_seed_state.pth")
+    fresh.load_state_dict(loaded_state, strict=False)
+    assert torch.equal(fresh(x), y_trained)
+
+    merge_loldu(model)
+    assert type(model.model[0]) is nn.Linear and not get_loldu_params(model)
+    torch.testing.assert_close(model(x), y_trained, rtol=1e-5, atol=1e-5)
+
+
+def test_disable_remove_are_bit_exact_and_enable_restores():
+    model = TinyLM()
+    x = torch.randn(4, 16)
+    y_base = model(x)
+    flags = [p.requires_grad for p in model.parameters()]
+    add_loldu(model, rank=4)
+    train(model, x)
+    y_trained = model(x)
+    assert not torch.allclose(y_trained, y_base)
+    disable_loldu(model)
+    assert torch.equal(model(x), y_base)
+    enable_loldu(model)
+    assert torch.equal(model(x), y_trained)
+    remove_loldu(model)
+    assert not any(isinstance(m, LoLDULinear) for m in model.modules())
+    assert torch.equal(model(x), y_base)
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_merge_gives_plain_linears_with_the_trained_function():
+    model = TinyLM()
+    x = torch.randn(4, 16)
+    add_loldu(model, rank=8, target_modules="all-linear")
+    train(model, x)
+    y_trained = model(x)
+    merge_loldu(model)
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    assert not any(n.endswith((".d", ".s")) for n in model.state_dict())
+    torch.testing.assert_close(model(x), y_trained, rtol=1e-5, atol=1e-5)
+
+
+def adapted(model):
+    return sorted(n for n, m in model.named_modules() if isinstance(m, LoLDULinear))
+
+
+@pytest.mark.parametrize(
+    "targets,expected",
+    [
+        (["q_proj", "v_proj"], ["layers.0.q_proj", "layers.0.v_proj", "layers.1.q_proj", "layers.1.v_proj"]),
+        (r"layers\.1\..*_proj", ["layers.1.k_proj", "layers.1.q_proj", "layers.1.v_proj"]),
+        (["layers.0.mlp.0"], ["layers.0.mlp.0"]),
+    ],
+)
+def test_target_modules_by_suffix_and_regex(targets, expected):
+    model = TinyLM()
+    add_loldu(model, rank=4, target_modules=targets)
+    assert adapted(model) == expected
+
+
+def test_all_linear_leaves_out_lm_head_and_default_takes_every_linear():
+    a, b = TinyLM(), TinyLM()
+    add_loldu(a, rank=4, target_modules="all-linear")
+    add_loldu(b, rank=4)
+    assert "lm_head" not in adapted(a) and len(adapted(a)) == 10
+    assert "lm_head" in adapted(b) and len(adapted(b)) == 11
+
+
+def test_unknown_target_is_an_error_naming_it_and_nothing_changes():
+    model = TinyLM()
+    with pytest.raises(ValueError, match="'o_proj' matches no nn.Linear"):
+        add_loldu(model, rank=4, target_modules=["q_proj", "o_proj"])
+    with pytest.raises(ValueError, match="regex 'attn.*' matches no"):
+        add_loldu(model, rank=4, target_modules="attn.*")
+    assert adapted(model) == []
+
+
+def test_model_wide_rank_is_clamped_per_layer_with_one_warning_naming_it():
+    model = TinyLM()
+    with pytest.warns(UserWarning) as record:
+        add_loldu(model, rank=10)
+    clamp = [str(w.message) for w in record if "holds at most" in str(w.message)]
+    assert clamp == ["add_loldu: 'lm_head' (6x16) holds at most rank 6; using 6 instead of 10"]
+    assert model.lm_head.rank == 6 and model.layers[0].q_proj.rank == 10 and model.layers[0].mlp[0].rank == 10
+
+
+def test_adding_twice_never_stacks():
+    model = TinyLM()
+    add_loldu(model, rank=4)
+    layer = model.layers[0].q_proj
+    with pytest.warns(UserWarning, match="already have LoLDU; left as they are"):
+        add_loldu(model, rank=8)
+    assert model.layers[0].q_proj is layer and layer.rank == 4
+    assert isinstance(layer.weight, nn.Parameter) and not isinstance(layer.weight, LoLDULinear)
+    assert len(get_loldu_params(model)) == 2 * 11
+
+
+class ScaledLinear(nn.Linear):  # overrides forward: LoLDULinear would silently drop the scaling
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class PlainSubclass(nn.Linear):  # only a new type name: safe to adapt
+    pass
+
+
+def test_linear_subclasses_and_multihead_attention_are_handled_deliberately():
+    model = nn.Sequential(ScaledLinear(8, 8), PlainSubclass(8, 8))
+    model.attn = nn.MultiheadAttention(8, 2)
+    with pytest.warns(UserWarning, match=r"left out \['0', 'attn.out_proj'\].*overrides nn.Linear.forward.*"
+                                         r"MultiheadAttention reads its out_proj"):
+        add_loldu(model, rank=2)
+    assert adapted(model) == ["1"]
+    with pytest.raises(ValueError, match="cannot adapt '0': ScaledLinear overrides"):
+        add_loldu(model, rank=2, target_modules=["0"])
+    with pytest.raises(ValueError, match="cannot adapt 'attn.out_proj'"):
+        add_loldu(model, rank=2, target_modules=["out_proj"])
+
+
+def test_failure_part_way_leaves_the_model_exactly_as_it_was():
+    model = TinyLM()
+    with torch.no_grad():
+        model.layers[1].v_proj.weight[0, 0] = float("inf")
+    before = {n: (p.clone(), p.requires_grad) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"layers\.1\.v_proj: weight of shape \(16, 16\) contains NaN or Inf"):
+        add_loldu(model, rank=4)
+    assert adapted(model) == []
+    after = dict(model.named_parameters())
+    assert set(after) == set(before)
+    for n, (value, grad) in before.items():
+        assert torch.equal(after[n], value) and after[n].requires_grad == grad
+
+
+def test_seed_config_errors_name_the_layer_and_reject_other_types():
+    with pytest.raises(ValueError, match=r"layer 'lm_head': .*rank must be in \[1, min\(out, in\)\] = \[1, 6\]"):
+        add_loldu(TinyLM(), loldu_config=seed_config(10))
+    with pytest.raises(ValueError, match="only nn.Linear layers are supported"):
+        add_loldu(TinyLM(), loldu_config={nn.Conv2d: {"weight": lambda layer: None}})
+    with pytest.raises(ValueError, match="either loldu_config or rank="):
+        add_loldu(TinyLM())
+
+
+def test_print_trainable_parameters_counts_r_plus_one_per_layer(capsys):
+    model = TinyLM()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    add_loldu(model, rank=4, target_modules=["q_proj", "v_proj"])
+    trainable, total = print_trainable_parameters(model)
+    assert trainable == 4 * (4 + 1)
+    assert total == sum(p.numel() for p in model.parameters())
+    assert re.search(r"trainable params: 20 \|\| all params: [\d,]+ \|\| trainable%: ", capsys.readouterr().out)
+
+
+def test_parametrization_works_with_torch_parametrize():
+    from torch.nn.utils import parametrize
+
+    layer = nn.Linear(10, 6)
+    x = torch.randn(3, 10)
+    y0 = layer(x)
+    p = LoLDUParametrization.from_linear(layer, rank=4)
+    parametrize.register_parametrization(layer, "weight", p)
+    assert torch.equal(layer(x), y0)
+    with torch.no_grad():
+        p.d.mul_(1.5)
+    fused = LoLDULinear.from_parametrization(nn.Linear(10, 6), p)  # same factors and values
+    fused.weight, fused.bias = nn.Parameter(layer.parametrizations.weight.original), layer.bias
+    torch.testing.assert_close(fused(x), layer(x), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,102 @@
+import warnings
+
+import pytest
+import torch
+
+from loldu_triton.factorize import MAX_U_GROWTH, initial_diagonal, ldu_factors
+
+
+def lapack_reference(W, r):
+    P, L, U = torch.linalg.lu(W.double())
+    D = torch.diagonal(U)[:r]
+    return P.argmax(0)[:r], (P @ L)[:, :r], D, U[:r] / D[:, None]
+
+
+@pytest.mark.parametrize("shape,r", [((7, 5), 5), ((30, 40), 30), ((64, 32), 10), ((5, 9), 3), ((1, 6), 1)])
+def test_factors_match_full_lu_truncated_to_first_pivots(shape, r):
+    W = torch.randn(*shape, dtype=torch.float64)
+    f = ldu_factors(W, r)
+    pivots, L, D, U = lapack_reference(W, r)
+    assert torch.equal(f.pivots, pivots)
+    torch.testing.assert_close(f.L, L, rtol=0, atol=1e-12)
+    torch.testing.assert_close(f.D, D, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(f.U, U, rtol=1e-10, atol=1e-10)
+    assert f.usable_rank == r
+    # permutation folded into L: one unit entry per column at the pivot row, nothing above it in elimination order
+    assert torch.equal(f.L[f.pivots, torch.arange(r)], torch.ones(r, dtype=torch.float64))
+    if r == min(shape):
+        torch.testing.assert_close(f.L @ torch.diag(f.D) @ f.U, W, rtol=0, atol=1e-12)
+
+
+def test_factors_are_bit_identical_across_calls_and_dtypes_of_the_same_values():
+    W = torch.randn(48, 33).bfloat16()
+    a = ldu_factors(W, 12)
+    b = ldu_factors(W.float(), 12)  # same values in another dtype
+    c = ldu_factors(W.clone().t().contiguous().t(), 12)  # other strides
+    for other in (b, c):
+        for name in ("L", "D", "U", "pivots"):
+            assert torch.equal(getattr(a, name), getattr(other, name)), name
+
+
+def test_zero_weight_gives_unit_directions_and_no_nan():
+    f = ldu_factors(torch.zeros(8, 6), 4)
+    assert f.usable_rank == 0
+    assert torch.equal(f.D, torch.zeros(4, dtype=torch.float64))
+    for t in (f.L, f.U):
+        assert torch.isfinite(t).all()
+        assert torch.equal(t.abs().sum(dim=0 if t is f.L else 1), torch.ones(4, dtype=torch.float64))
+    assert len(set(f.pivots.tolist())) == 4
+
+
+def test_rank_deficient_weight_reports_usable_rank():
+    W = torch.randn(9, 3, dtype=torch.float64) @ torch.randn(3, 12, dtype=torch.float64)
+    f = ldu_factors(W, 6)
+    assert f.usable_rank == 3
+    assert torch.equal(f.D[3:], torch.zeros(3, dtype=torch.float64))
+    assert torch.isfinite(f.U).all() and torch.isfinite(f.L).all()
+
+
+def test_tiny_pivot_with_huge_row_is_not_used_so_u_fits_float16():
+    W = torch.tensor([[1e-9, 1.0, 2.0], [1e-10, 3.0, 1.0], [5e-10, 1.0, 1.0]])
+    f = ldu_factors(W, 3)
+    assert f.D[0] == 0  # |U| would have been ~2e9
+    assert f.U.abs().max() <= MAX_U_GROWTH
+    assert torch.isfinite(f.U.half()).all()
+
+
+def test_zero_first_column_keeps_later_directions_usable():
+    W = torch.randn(6, 5, dtype=torch.float64)
+    W[:, 0] = 0
+    f = ldu_factors(W, 4)
+    assert f.D[0] == 0 and (f.D[1:] != 0).all()
+    assert f.usable_rank == 3
+
+
+@pytest.mark.parametrize("bad,match", [(float("nan"), "NaN or Inf"), (float("inf"), "NaN or Inf")])
+def test_non_finite_weight_is_refused(bad, match):
+    W = torch.randn(5, 5)
+    W[2, 3] = bad
+    with pytest.raises(ValueError, match=f"layer.q.*{match}"):
+        ldu_factors(W, 2, name="layer.q")
+
+
+@pytest.mark.parametrize("r", [0, 6, -1])
+def test_rank_out_of_range_is_refused(r):
+    with pytest.raises(ValueError, match=r"my\.layer: rank must be in \[1, min\(out, in\)\] = \[1, 5\]"):
+        ldu_factors(torch.randn(5, 8), r, name="my.layer")
+
+
+def test_inits_follow_the_pivot_statistics_and_are_reproducible():
+    D = ldu_factors(torch.randn(40, 40, dtype=torch.float64), 32).D
+    lu = initial_diagonal(D, "lu", 0)
+    assert torch.equal(lu, D.float())
+    const = initial_diagonal(D, "constant", 0)
+    assert torch.allclose(const, torch.full((32,), float(D.mean())))
+    uni = initial_diagonal(D, "uniform", 0)
+    assert (uni >= D.min() - 1e-6).all() and (uni <= D.max() + 1e-6).all() and uni.unique().numel() == 32
+    normal = initial_diagonal(D, "normal", 0)
+    assert abs(float(normal.mean() - D.mean())) < 3 * float(D.std()) / 32**0.5 * 2
+    assert torch.equal(normal, initial_diagonal(D, "normal", 0))
+    assert not torch.equal(normal, initial_diagonal(D, "normal", 1))
+    with pytest.raises(ValueError, match="init must be one of"):
+        initial_diagonal(D, "xavier", 0)

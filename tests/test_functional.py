@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from conftest import rel_err
+from loldu_triton import ldu_factors, loldu_linear, loldu_merge
+
+
+def operands(M=6, K=7, N=5, r=3, dtype=torch.float64, bias=True):
+    W = torch.randn(N, K, dtype=dtype)
+    f = ldu_factors(W, r)
+    e = torch.randn(r, dtype=torch.float32)
+    b = torch.randn(N, dtype=dtype) if bias else None
+    return torch.randn(M, K, dtype=dtype), W, b, f.L.to(dtype), f.U.to(dtype), e
+
+
+def reference(x, W, b, L, U, e):
+    W_eff = W.double() + L.double() @ torch.diag(e.double()) @ U.double()
+    y = x.double() @ W_eff.T
+    return y if b is None else y + b.double()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_all_inputs_float64(bias):
+    x, W, b, L, U, e = operands(bias=bias)
+    e = e.double()
+    inputs = [x, W, b, L, U, e]
+    for t in inputs:
+        if t is not None:
+            t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda *a: loldu_linear(*a, backend="torch"), inputs)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_x_and_e_only(bias):
+    # the training case: the frozen weight and factors need no gradient, so x is not kept
+    x, W, b, L, U, e = operands(bias=bias)
+    x.requires_grad_(True)
+    e = e.double().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, e: loldu_linear(x, W, b, L, U, e, backend="torch"), [x, e])
+
+
+def test_backward_saves_only_t_not_x_nor_a_delta():
+    M, K, N, r = 33, 20, 12, 4
+    x, W, b, L, U, e = operands(M, K, N, r, dtype=torch.float32)
+    x.requires_grad_(True)
+    e.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = loldu_linear(x, W, b, L, U, e, backend="torch")
+    per_row = [t for t in saved if t.dim() == 2 and t.shape[0] == M]
+    assert [tuple(t.shape) for t in per_row] == [(M, r)]  # t = x U^T, nothing of x's size
+    assert not any(t.shape == (N, K) and not (t is W or t.data_ptr() == W.data_ptr()) for t in saved)
+    y.sum().backward()
+    assert x.grad is not None and e.grad is not None
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 2e-2)])
+def test_leading_dims_noncontiguous_and_dtypes_match_float64(dtype, tol):
+    x, W, b, L, U, e = operands(M=10, K=24, N=18, r=6, dtype=dtype)
+    x3 = torch.randn(2, 24, 5, dtype=dtype).transpose(1, 2)  # (2, 5, 24), not contiguous
+    y = loldu_linear(x3, W, b, L, U, e, backend="torch")
+    assert y.shape == (2, 5, 18) and y.dtype == dtype
+    assert rel_err(y, reference(x3.reshape(-1, 24), W, b, L, U, e).reshape(2, 5, 18)) < tol
+
+
+def test_gradients_match_float64_reference_in_float32():
+    x, W, b, L, U, e = operands(M=9, K=11, N=13, r=4, dtype=torch.float32)
+    x.requires_grad_(True)
+    e.requires_grad_(True)
+    dy = torch.randn(9, 13)
+    loldu_linear(x, W, b, L, U, e, backend="torch").backward(dy)
+    x64 = x.detach().double().requires_grad_(True)
+    e64 = e.detach().double().requires_grad_(True)
+    W_eff = W.double() + L.double() @ torch.diag(e64) @ U.double()
+    (x64 @ W_eff.T + b.double()).backward(dy.double())
+    assert rel_err(x.grad, x64.grad) < 1e-5
+    assert rel_err(e.grad, e64.grad) < 1e-5
+    assert e.grad.dtype == torch.float32
+
+
+def test_merge_equals_dense_formula():
+    _, W, _, L, U, e = operands(K=30, N=20, r=7, dtype=torch.float32)
+    merged = loldu_merge(W, L, U, e, backend="torch")
+    assert merged.dtype == W.dtype
+    assert rel_err(merged, W.double() + L.double() @ torch.diag(e.double()) @ U.double()) < 1e-6
+
+
+def test_shape_and_backend_errors_name_the_caller():
+    x, W, b, L, U, e = operands(dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"blocks\.0: input of shape \(6, 8\) has last dim 8, expected 7"):
+        loldu_linear(torch.randn(6, 8), W, b, L, U, e, name="blocks.0")
+    with pytest.raises(ValueError, match="factor shapes"):
+        loldu_linear(x, W, b, L, U, e[:2])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        loldu_linear(x, W, b, L, U, e, backend="cuda")
+    with pytest.raises(ValueError, match="input dtype torch.float64 differs"):
+        loldu_linear(x.double(), W, b, L, U, e)
