@@ -105,7 +105,7 @@ def add_loldu(
     model: nn.Module,
     loldu_config: Optional[Dict[type, Dict[str, Callable]]] = None,
     *,
-    rank: Optional[int] = None,
+    rank: Union[None, int, str] = None,
     alpha: Optional[float] = None,
     init: str = "lu",
     init_seed: int = 0,
@@ -117,11 +117,14 @@ def add_loldu(
     Either the reference code's ``loldu_config`` ({nn.Linear: {"weight": partial(LoLDUParametrization
     .from_linear, rank=r)}}) or ``rank=`` with ``target_modules``: None (every nn.Linear), "all-linear"
     (all but an output head named ``lm_head``), a list of names (suffix match) or a regex (full match).
-    A rank larger than a layer can hold is clamped to its full rank with a warning. Layers that already have
+    A rank larger than a layer can hold is clamped to its full rank with a warning; ``rank="full"`` asks for
+    every layer's full rank, min(in, out) (the paper's ViT setting), without one. Layers that already have
     LoLDU are left as they are. Nothing is changed if any layer fails.
     """
     if (loldu_config is None) == (rank is None):
         raise ValueError("add_loldu: pass either loldu_config or rank=, not both and not neither")
+    if rank is not None and rank != "full" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"add_loldu: rank must be a positive int or 'full', got {rank!r}")
     if isinstance(model, nn.Linear):
         raise ValueError("add_loldu: the model itself is an nn.Linear; use LoLDULinear.from_linear(layer, rank)")
     if loldu_config is not None:
@@ -149,10 +152,11 @@ def add_loldu(
             layer = LoLDULinear.from_parametrization(linear, spec, backend, name, freeze=False)
         else:
             full = min(linear.in_features, linear.out_features)
-            if rank > full:
+            if rank != "full" and rank > full:
                 warnings.warn(f"add_loldu: {name!r} ({linear.out_features}x{linear.in_features}) holds at most "
                               f"rank {full}; using {full} instead of {rank}", stacklevel=2)
-            layer = LoLDULinear.from_linear(linear, min(rank, full), alpha, init, init_seed, backend, name,
+            rank_here = full if rank == "full" else min(rank, full)
+            layer = LoLDULinear.from_linear(linear, rank_here, alpha, init, init_seed, backend, name,
                                             freeze=False)
         built[name] = layer
     for name, layer in built.items():

@@ -258,3 +258,13 @@ def test_parametrization_works_with_torch_parametrize():
     fused = LoLDULinear.from_parametrization(nn.Linear(10, 6), p)  # same factors and values
     fused.weight, fused.bias = nn.Parameter(layer.parametrizations.weight.original), layer.bias
     torch.testing.assert_close(fused(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_full_rank_takes_each_layers_min_dimension_without_warning():
+    model = TinyLM()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        add_loldu(model, rank="full")
+    assert model.lm_head.rank == 6 and model.layers[0].mlp[0].rank == 16 and model.layers[0].mlp[2].rank == 16
+    with pytest.raises(ValueError, match="rank must be a positive int or 'full', got 0"):
+        add_loldu(TinyLM(), rank=0)

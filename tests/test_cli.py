@@ -1,0 +1,42 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from loldu_triton.cli import build_parser, main
+
+ROW_KEYS = {"method", "rank", "trainable_params", "accuracy", "train_seconds", "adapter_bytes"}
+
+
+def test_help_explains_every_demo_option():
+    demo = build_parser()._subparsers._group_actions[0].choices["demo"]
+    for action in demo._actions:
+        if action.dest != "help":
+            assert action.help and len(action.help) > 10, action.dest
+
+
+def test_console_script_help_runs():
+    out = subprocess.run([sys.executable, "-m", "loldu_triton.cli", "demo", "--help"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "--out" in out.stdout and "--epochs" in out.stdout
+
+
+def test_short_demo_writes_results_and_merging_keeps_accuracy(tmp_path):
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "3", "--pretrain-epochs", "5", "--no-progress",
+                 "--device", "cpu"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["method"], r["rank"]) for r in rows] == [
+        ("head only", None), ("full fine-tuning", None), ("LoRA", 8), ("LoLDU", 1), ("LoLDU", 16), ("LoLDU", "full")]
+    for r in rows:
+        assert ROW_KEYS <= set(r)
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["adapter_bytes"] > 0
+        if r["merged_accuracy"] is not None:
+            assert r["merged_accuracy"] == pytest.approx(r["accuracy"], abs=2e-3)  # one sample at most
+    params = {(r["method"], r["rank"]): r["trainable_params"] for r in rows}
+    head = params[("head only", None)]
+    assert params[("LoLDU", 1)] == head + 3 * (1 + 1)  # r + 1 per adapted layer
+    assert params[("LoLDU", 16)] == head + 3 * (16 + 1)
+    assert params[("LoLDU", "full")] == head + (64 + 1) + 2 * (256 + 1)
+    assert (tmp_path / "results.md").read_text().count("| LoLDU |") == 3
+    assert (tmp_path / "accuracy_vs_params.png").read_bytes()[:4] == b"\x89PNG"
