@@ -14,7 +14,7 @@ $(VENV)/.installed-%: setup.py | $(BIN)/python
 	$(BIN)/pip install -q -e ".[$*]"
 	touch $@
 
-.PHONY: demo test bench
+.PHONY: demo test bench bench-pytest
 demo: $(VENV)/.installed-demo
 	$(BIN)/loldu-triton demo
 
@@ -23,3 +23,6 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/loldu-triton bench
+
+bench-pytest: $(VENV)/.installed-bench
+	$(BIN)/python -m pytest -q benchmarks --benchmark-columns=min,median,mean --benchmark-sort=name

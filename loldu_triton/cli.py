@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     bench.add_argument("--repeats", type=int, default=None, help="timed repeats per case (CPU; default 15)")
     bench.add_argument("--methods", default=None,
-                       help="comma-separated subset of: linear,loldu,loldu_unfused,seed_param,peft_lora,peft_vera")
+                       help="comma-separated subset of: linear, loldu (Triton on GPU), loldu_torch (the PyTorch "
+                            "path, GPU only), loldu_unfused, seed_param, peft_lora, peft_vera (default: all)")
     bench.add_argument("--out", default="./loldu-bench", help="output directory for CSV, markdown and PNG")
     bench.set_defaults(func=_bench)
     return parser

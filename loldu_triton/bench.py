@@ -1,0 +1,267 @@
+"""Layer benchmark: every adapter as a ratio to the frozen nn.Linear, measured in the same run."""
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layer import LoLDULinear
+
+CPU_SHAPES = [(2048, 1024, 1024)]
+GPU_SHAPES = [(m, 4096, n) for m in (1, 512, 8192) for n in (4096, 11008)]
+METHODS = ("linear", "loldu", "loldu_torch", "loldu_unfused", "seed_param", "peft_lora", "peft_vera")
+
+
+class UnfusedLoLDU(nn.Module):
+    """LoLDU written with plain autograd ops: the PyTorch form without a custom backward."""
+
+    def __init__(self, layer: LoLDULinear):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        m = self.layer
+        return F.linear(x, m.weight, m.bias) + ((x @ m.U.T) * m.loldu_scale().to(x.dtype)) @ m.L.T
+
+
+class SeedParametrization(nn.Module):
+    """What the reference code does: a dense out x out P, W rebuilt from the residual on every forward."""
+
+    def __init__(self, layer: LoLDULinear):
+        super().__init__()
+        m = layer
+        self.bias = m.bias
+        P = torch.zeros(m.out_features, m.out_features, dtype=m.weight.dtype, device=m.weight.device)
+        rows = m.pivots
+        taken = set(rows.tolist())
+        # L in elimination order (P^T L): the pivot rows first, then the rest
+        rest = torch.tensor([i for i in range(m.out_features) if i not in taken], dtype=torch.long, device=rows.device)
+        order = torch.cat([rows, rest])
+        P[order, torch.arange(m.out_features, device=rows.device)] = 1
+        self.register_buffer("P", P)
+        self.register_buffer("L_elim", m.L[order])
+        self.register_buffer("U", m.U)
+        self.register_buffer("W_res", m.weight - m.L @ (m.d0.to(m.weight.dtype)[:, None] * m.U) * m.s0.item())
+        self.z = nn.Parameter(m.d.detach().clone())
+        self.sigma = nn.Parameter(m.s.detach().clone())
+
+    def forward(self, x):
+        delta = self.P @ (self.L_elim @ ((self.sigma * self.z).to(x.dtype)[:, None] * self.U))
+        return F.linear(x, self.W_res + delta, self.bias)
+
+
+def _peft_module(kind: str, base: nn.Linear, rank: int) -> Optional[nn.Module]:
+    try:
+        import peft
+    except ImportError:
+        return None
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = base
+
+        def forward(self, x):
+            return self.proj(x)
+
+    config = (peft.LoraConfig(r=rank, target_modules=["proj"]) if kind == "lora"
+              else peft.VeraConfig(r=rank, target_modules=["proj"]))
+    return peft.get_peft_model(Wrapper(), config)
+
+
+def build_methods(K: int, N: int, rank: int, dtype, device, wanted) -> Dict[str, nn.Module]:
+    torch.manual_seed(0)
+    base = nn.Linear(K, N, device=device, dtype=dtype)
+    base.requires_grad_(False)
+    layer = LoLDULinear.from_linear(base, rank)
+    with torch.no_grad():  # a trained state, so no path can shortcut e == 0
+        layer.d.mul_(1.01)
+    candidates: Dict[str, Callable[[], Optional[nn.Module]]] = {
+        "linear": lambda: base,
+        "loldu": lambda: layer,
+        # the PyTorch path of the same layer; on CPU it is what "loldu" runs already
+        "loldu_torch": lambda: LoLDULinear.from_parametrization(base, layer, backend="torch")
+        if device.type != "cpu" else None,
+        "loldu_unfused": lambda: UnfusedLoLDU(layer),
+        "seed_param": lambda: SeedParametrization(layer),
+        "peft_lora": lambda: _peft_module("lora", base, rank),
+        "peft_vera": lambda: _peft_module("vera", base, rank),
+    }
+    out = {}
+    for name in wanted:
+        module = candidates[name]()
+        if module is not None:
+            out[name] = module
+    return out
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward beyond the module's own parameters and buffers (x counts)."""
+    own = {t.data_ptr() for t in list(module.parameters()) + list(module.buffers())}
+    seen: Dict[int, int] = {}
+
+    def pack(t):
+        if t.data_ptr() not in own:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(seen.values())
+
+
+@dataclass
+class Result:
+    device: str
+    dtype: str
+    M: int
+    K: int
+    N: int
+    rank: int
+    method: str
+    forward_ms: float
+    backward_ms: float
+    fwd_bwd_ms: float
+    forward_ratio: float = float("nan")
+    backward_ratio: float = float("nan")
+    fwd_bwd_ratio: float = float("nan")
+    saved_mb: float = 0.0
+    peak_mb: float = float("nan")
+
+
+def _timer(device: torch.device):
+    """Milliseconds of one measurement: do_bench's median on CUDA, one timed call on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def cpu_time(fn):
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
+
+    return cpu_time
+
+
+def bench_case(M, K, N, rank, dtype, device, wanted, repeats) -> List[Result]:
+    modules = build_methods(K, N, rank, dtype, device, wanted)
+    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(M, N, device=device, dtype=dtype)
+    timer = _timer(device)
+
+    def fwd(m):
+        return lambda: m(x)
+
+    def fwd_bwd(m):
+        def run():
+            m(x).backward(dy)
+            x.grad = None
+        return run
+
+    samples = {name: {"f": [], "fb": []} for name in modules}
+    for m in modules.values():  # warm up
+        fwd_bwd(m)()
+    rounds = repeats if device.type == "cpu" else 3
+    for _ in range(rounds):  # interleaved: every method sees the same machine state
+        for name, m in modules.items():
+            samples[name]["f"].append(timer(fwd(m)))
+            samples[name]["fb"].append(timer(fwd_bwd(m)))
+    results = []
+    for name, m in modules.items():
+        f = statistics.median(samples[name]["f"])
+        fb = statistics.median(samples[name]["fb"])
+        peak = float("nan")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start_mem = torch.cuda.memory_allocated()
+            fwd_bwd(m)()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - start_mem) / 2**20
+        # backward alone = (forward+backward) - forward, both medians of the same interleaved rounds
+        results.append(Result(device.type, str(dtype).replace("torch.", ""), M, K, N, rank, name, f, fb - f, fb,
+                              saved_mb=saved_bytes(m, x) / 2**20, peak_mb=peak))
+    floor = next((r for r in results if r.method == "linear"), None)
+    if floor is not None:
+        for r in results:
+            r.forward_ratio = r.forward_ms / floor.forward_ms
+            r.backward_ratio = r.backward_ms / floor.backward_ms
+            r.fwd_bwd_ratio = r.fwd_bwd_ms / floor.fwd_bwd_ms
+    return results
+
+
+def markdown(results: List[Result]) -> str:
+    lines = ["| device | dtype | M | K | N | r | method | fwd ms | bwd ms | fwd+bwd ms | fwd x | bwd x | fwd+bwd x "
+             "| saved MB | peak MB |", "|" + "---|" * 15]
+    for r in results:
+        lines.append(f"| {r.device} | {r.dtype} | {r.M} | {r.K} | {r.N} | {r.rank} | {r.method} | "
+                     f"{r.forward_ms:.3f} | {r.backward_ms:.3f} | {r.fwd_bwd_ms:.3f} | {r.forward_ratio:.3f} | "
+                     f"{r.backward_ratio:.3f} | {r.fwd_bwd_ratio:.3f} | {r.saved_mb:.2f} | {r.peak_mb:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(results: List[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = sorted({(r.M, r.K, r.N, r.rank) for r in results})
+    methods = [m for m in METHODS if any(r.method == m for r in results)]
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.2 * len(cases) * len(methods) / 3), 4.2))
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        ratios = [next((r.fwd_bwd_ratio for r in results if (r.M, r.K, r.N, r.rank) == c and r.method == method),
+                       float("nan")) for c in cases]
+        ax.bar([i + j * width for i in range(len(cases))], ratios, width, label=method)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+    ax.set_xticklabels([f"M={m}\n{k}x{n}\nr={r}" for m, k, n, r in cases], fontsize=7)
+    ax.set_ylabel("forward+backward time / frozen nn.Linear")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _parse_shapes(text):
+    return [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
+
+
+def run_bench(args) -> List[Result]:
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    shapes = _parse_shapes(args.shapes) if args.shapes else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    ranks = (args.ranks or ("16,64,256,1024,full" if device.type == "cuda" else "16")).split(",")
+    wanted = args.methods.split(",") if args.methods else list(METHODS)
+    unknown = set(wanted) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"bench: unknown methods {sorted(unknown)}; choose from {METHODS}")
+    results = []
+    for M, K, N in shapes:
+        for rank_text in ranks:
+            rank = min(K, N) if rank_text == "full" else int(rank_text)
+            case = bench_case(M, K, N, rank, dtype, device, wanted, args.repeats or 15)
+            results += case
+            print(markdown(case).split("\n", 2)[2], flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in results)
+    table = markdown(results)
+    (out / "bench.md").write_text(table + "\n")
+    plot(results, out / "bench.png")
+    print(table)
+    print(f"wrote {out / 'bench.csv'}, {out / 'bench.md'}, {out / 'bench.png'}")
+    return results

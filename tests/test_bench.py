@@ -1,0 +1,40 @@
+import csv
+from types import SimpleNamespace
+
+import torch
+
+from loldu_triton.bench import build_methods, run_bench, saved_bytes
+
+
+def test_every_peer_computes_the_same_layer():
+    modules = build_methods(K=24, N=40, rank=6, dtype=torch.float64, device=torch.device("cpu"),
+                            wanted=["linear", "loldu", "loldu_unfused", "seed_param"])
+    x = torch.randn(7, 24, dtype=torch.float64)
+    y = modules["loldu"](x)
+    assert not torch.allclose(y, modules["linear"](x))  # the benchmarked adapter is not at its init
+    for name in ("loldu_unfused", "seed_param"):
+        torch.testing.assert_close(modules[name](x), y, rtol=1e-9, atol=1e-9)
+
+
+def test_loldu_keeps_only_t_for_backward():
+    M, K, N, r = 64, 48, 40, 4
+    modules = build_methods(K, N, r, torch.float32, torch.device("cpu"), ["linear", "loldu", "seed_param"])
+    x = torch.randn(M, K, requires_grad=True)
+    assert saved_bytes(modules["linear"], x) == 0
+    assert saved_bytes(modules["loldu"], x) == M * r * 4 + r * 4  # t and e
+    assert saved_bytes(modules["seed_param"], x) >= M * K * 4  # rebuilding W makes autograd keep x
+
+
+def test_bench_writes_csv_markdown_and_plot_with_ratios_to_the_floor(tmp_path):
+    args = SimpleNamespace(device="cpu", dtype="float32", shapes="16x32x24", ranks="4,full", methods=None,
+                           repeats=2, out=str(tmp_path))
+    results = run_bench(args)
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    assert len(rows) == len(results) == 2 * 4  # linear, loldu, loldu_unfused, seed_param; PEFT absent here
+    for r in rows:
+        if r["method"] == "linear":
+            assert float(r["fwd_bwd_ratio"]) == 1.0
+        assert float(r["fwd_bwd_ms"]) > 0
+    assert {r["rank"] for r in rows} == {"4", "24"}
+    assert "| loldu |" in (tmp_path / "bench.md").read_text()
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
