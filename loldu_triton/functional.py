@@ -128,7 +128,16 @@ def loldu_linear(
     x: (..., in); weight: (out, in); bias: (out,) or None; L: (out, r); U: (r, in); e: (r,) float32.
     backend: "auto" (Triton kernels for CUDA tensors, else PyTorch), "torch", or "triton" (never falls back).
     name: how errors refer to the caller (a layer's name).
+    Under torch.autocast the operands are cast to the autocast dtype, as F.linear's are; e stays float32.
     """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, L, U = (t.to(dtype) for t in (x, weight, L, U))
+        bias = None if bias is None else bias.to(dtype)
+        check_operands(x, weight, bias, L, U, e, name)
+        with torch.autocast(device_type, enabled=False):
+            return LoLDULinearFunction.apply(x, weight, bias, L, U, e, resolve_backend(backend, x))
     check_operands(x, weight, bias, L, U, e, name)
     return LoLDULinearFunction.apply(x, weight, bias, L, U, e, resolve_backend(backend, x))
 

@@ -15,6 +15,6 @@ def _seed():
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Relative Frobenius error against a (float64) reference; NaN never passes."""
-    actual, expected = actual.double(), expected.double()
+    actual, expected = actual.detach().double(), expected.detach().double()
     err = float(torch.linalg.norm(actual - expected) / torch.linalg.norm(expected).clamp_min(1e-300))
     return float("inf") if err != err else err

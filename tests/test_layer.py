@@ -143,3 +143,23 @@ def test_paper_residual_formulation_gives_the_same_training_trajectory():
             opt.step()
     torch.testing.assert_close(layer.d.double(), z.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer.s.double(), sigma.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_bf16_on_cpu_runs_and_keeps_adapter_gradients_float32():
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    from loldu_triton import add_loldu, get_loldu_params
+
+    add_loldu(model, rank=4)
+    with torch.no_grad():
+        for p in get_loldu_params(model):
+            p.mul_(1.1)
+    x = torch.randn(6, 16)
+    reference = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, reference) < 2e-2
+    y.float().sum().backward()
+    for p in get_loldu_params(model):
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+        assert torch.isfinite(p.grad).all()
