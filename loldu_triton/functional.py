@@ -5,7 +5,6 @@ in ``loldu_triton.kernels``). The out x in delta ``L diag(e) U`` is never built 
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -20,28 +19,19 @@ def _kernels():
     return kernels
 
 
-def triton_usable(x: torch.Tensor) -> bool:
-    """Whether backend="auto" would run the Triton kernels for this input."""
-    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    try:
-        _kernels()
-    except ImportError:
-        return False
-    return True
-
-
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """"auto" takes the Triton kernels for CUDA tensors when triton imports; "triton" never falls back."""
     if backend not in BACKENDS:
         raise ValueError(f"loldu_linear: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if x.is_cuda and triton_usable(x) else "torch"
-    if backend == "triton":
-        try:
-            _kernels()
-        except ImportError as err:
+    if backend == "torch" or (backend == "auto" and not x.is_cuda):
+        return "torch"
+    try:
+        _kernels()
+    except ImportError as err:
+        if backend == "triton":
             raise RuntimeError(f"loldu_linear: backend='triton' needs the triton package ({err})") from err
-    return backend
+        return "torch"
+    return "triton"
 
 
 def _torch_forward(x2, weight, bias, L, U, e) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,1 @@
+"""Triton kernels of loldu_triton (see loldu_linear.py)."""
