@@ -189,12 +189,16 @@ def bench_case(M, K, N, rank, dtype, device, wanted, repeats) -> List[Result]:
         # backward alone = (forward+backward) - forward, both medians of the same interleaved rounds
         results.append(Result(device.type, str(dtype).replace("torch.", ""), M, K, N, rank, name, f, fb - f, fb,
                               saved_mb=saved_bytes(m, x) / 2**20, peak_mb=peak))
-    floor = next((r for r in results if r.method == "linear"), None)
-    if floor is not None:
+    if "linear" in samples:
+        # Each ratio is the median over rounds of (method / floor) within the same round: paired, so the drift
+        # of a shared machine between rounds cancels.
+        floor = samples["linear"]
         for r in results:
-            r.forward_ratio = r.forward_ms / floor.forward_ms
-            r.backward_ratio = r.backward_ms / floor.backward_ms
-            r.fwd_bwd_ratio = r.fwd_bwd_ms / floor.fwd_bwd_ms
+            own = samples[r.method]
+            f = [a / b for a, b in zip(own["f"], floor["f"])]
+            fb = [a / b for a, b in zip(own["fb"], floor["fb"])]
+            b = [(a2 - a1) / (b2 - b1) for a1, a2, b1, b2 in zip(own["f"], own["fb"], floor["f"], floor["fb"])]
+            r.forward_ratio, r.fwd_bwd_ratio, r.backward_ratio = (statistics.median(v) for v in (f, fb, b))
     return results
 
 

@@ -1,7 +1,8 @@
 """``loldu_linear``: y = x W^T + b + ((x U^T) * e) L^T, with a backward that saves only t = x U^T.
 
 Two backends share one autograd.Function: "torch" (any device, the reference) and "triton" (the fused kernels
-in ``loldu_triton.kernels``). The out x in delta ``L diag(e) U`` is never built on the hot path.
+in ``loldu_triton.kernels``). Per call the planner (``loldu_triton.planner``) picks the side path, which never
+builds the out x in delta, or, where that is cheaper (many rows, large rank), merging W_eff once for one GEMM.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .planner import plan
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -35,7 +38,10 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 
 
 def _torch_forward(x2, weight, bias, L, U, e) -> Tuple[torch.Tensor, torch.Tensor]:
-    t = x2 @ U.T
+    t = F.linear(x2, U)
+    (N, K), r = weight.shape, e.shape[0]
+    if plan(x2.shape[0], K, N, r, x2.element_size(), x2.device.type, fused_epilogue=False) == "merged":
+        return F.linear(x2, _torch_merge(weight, L, U, e), bias), t
     y = F.linear(x2, weight, bias)
     y.addmm_((t * e).to(y.dtype), L.T)
     return y, t
@@ -43,12 +49,21 @@ def _torch_forward(x2, weight, bias, L, U, e) -> Tuple[torch.Tensor, torch.Tenso
 
 def _torch_backward(dy2, t, weight, L, U, e, need_dx: bool, need_grad_e: bool):
     v = dy2 @ L
-    grad_e = torch.einsum("mr,mr->r", t.float(), v.float()) if need_grad_e else None
+    grad_e = (t.float() * v.float()).sum(0) if need_grad_e else None
     dx2 = None
     if need_dx:
-        dx2 = dy2 @ weight
-        dx2.addmm_((v * e).to(dx2.dtype), U)
+        (N, K), r = weight.shape, e.shape[0]
+        if plan(dy2.shape[0], N, K, r, dy2.element_size(), dy2.device.type, fused_epilogue=False) == "merged":
+            dx2 = dy2 @ _torch_merge(weight, L, U, e)
+        else:
+            dx2 = dy2 @ weight
+            dx2.addmm_((v * e).to(dx2.dtype), U)
     return dx2, grad_e
+
+
+def _torch_merge(weight, L, U, e):
+    acc = torch.promote_types(weight.dtype, torch.float32)  # fp32 accumulation, float64 kept
+    return torch.addmm(weight.to(acc), L.to(acc) * e.to(acc), U.to(acc)).to(weight.dtype)
 
 
 class LoLDULinearFunction(torch.autograd.Function):
@@ -136,4 +151,4 @@ def loldu_merge(weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor, e: torch
     """``W + L diag(e) U`` in weight's dtype, accumulated in float32."""
     if resolve_backend(backend, weight) == "triton":
         return _kernels().merge(weight, L, U, e)
-    return torch.addmm(weight.float(), L.float() * e, U.float()).to(weight.dtype)
+    return _torch_merge(weight, L, U, e)

@@ -95,3 +95,38 @@ def test_shape_and_backend_errors_name_the_caller():
         loldu_linear(x, W, b, L, U, e, backend="cuda")
     with pytest.raises(ValueError, match="input dtype torch.float64 differs"):
         loldu_linear(x.double(), W, b, L, U, e)
+
+
+@pytest.mark.parametrize("M,K,N,route", [(3, 40, 30, "side"), (200, 12, 10, "merged")])
+def test_torch_path_takes_the_planned_route_and_both_match_float64(M, K, N, route):
+    from loldu_triton.planner import plan
+
+    assert plan(M, K, N, 4, 4, "cpu", fused_epilogue=False) == route
+    assert plan(M, N, K, 4, 4, "cpu", fused_epilogue=False) == route  # the backward GEMM
+    x, W, b, L, U, e = operands(M, K, N, 4, dtype=torch.float32)
+    x.requires_grad_(True)
+    e.requires_grad_(True)
+    y = loldu_linear(x, W, b, L, U, e, backend="torch")
+    dy = torch.randn(M, N)
+    y.backward(dy)
+    x64 = x.detach().double().requires_grad_(True)
+    e64 = e.detach().double().requires_grad_(True)
+    W_eff = W.double() + L.double() @ torch.diag(e64) @ U.double()
+    y64 = x64 @ W_eff.T + b.double()
+    y64.backward(dy.double())
+    assert rel_err(y, y64) < 1e-5 and rel_err(x.grad, x64.grad) < 1e-5 and rel_err(e.grad, e64.grad) < 1e-5
+    # at e == 0 either route gives the base output bit for bit
+    assert torch.equal(loldu_linear(x, W, b, L, U, torch.zeros_like(e), backend="torch"), torch.nn.functional.linear(x, W, b))
+
+
+def test_planner_crossovers():
+    from loldu_triton.planner import plan
+
+    for K, N, r in ((768, 768, 768), (4096, 4096, 16), (4096, 11008, 1024)):
+        for device, fused in (("cuda", True), ("cpu", False)):
+            routes = [plan(2 ** p, K, N, r, 2, device, fused) for p in range(21)]
+            assert routes[0] == "side"  # decode never pays a pass over W
+            assert routes == sorted(routes, key=lambda route: route == "merged")  # one crossover
+    assert plan(197 * 64, 768, 768, 768) == "merged"  # the paper's full-rank ViT-B, batch 64, kernels
+    assert plan(16384, 4096, 4096, 16) == "side"
+    assert plan(2048, 1024, 1024, 16, 4, "cpu", fused_epilogue=False) == "merged"

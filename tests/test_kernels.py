@@ -289,18 +289,6 @@ def test_cpu_tensors_without_interpreter_raise(kernels):
     assert kernels.available() == torch.cuda.is_available()
 
 
-def test_plan(kernels):
-    plan = kernels.plan
-    for K, N, r in ((768, 768, 768), (4096, 4096, 16), (4096, 4096, 1024), (4096, 11008, 64)):
-        assert plan(1, K, N, r) == "side"
-        routes = [plan(M, K, N, r) for M in (2 ** p for p in range(21))]
-        # one crossover: side for small M, merged from some M on
-        assert routes == sorted(routes, key=lambda route: route == "merged")
-    assert plan(197 * 64, 768, 768, 768) == "merged"  # the paper's full-rank ViT-B, batch 64
-    assert plan(16384, 4096, 4096, 16) == "side"
-    assert plan(16384, 4096, 4096, 1024) == "merged"
-
-
 def test_fake_tensors_give_shapes_and_dtypes(kernels):
     from torch._subclasses.fake_tensor import FakeTensorMode
 

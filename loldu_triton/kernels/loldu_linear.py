@@ -6,8 +6,8 @@
 
 Shapes: x (M, K), W (N, K), L (N, r), U (r, K), e (r,) float32, b (N,) or None. Every product accumulates in
 fp32. The rank-r term runs as extra K-steps of the same GEMM accumulator, so L diag(e) U is never formed except
-by `merge`. A planner (`plan`) picks per call between that "side" route and the "merged" route (build W_eff,
-then one plain GEMM).
+by `merge`. The planner (loldu_triton.planner.plan) picks per call between that "side" route and the "merged"
+route (build W_eff, then one plain GEMM).
 
 Each tl.dot runs in the dtype of its left operand (the activations; L for the merge); the right operand is
 cast to it per tile, like autocast does, so fp16/bf16 inputs use tensor cores even with fp32 factors. fp32
@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from ..planner import ROUTES, plan
 
 try:  # torch >= 2.6: ops that torch.compile traces into, kernels included
     from torch.library import triton_op, wrap_triton
@@ -43,11 +45,6 @@ except ImportError:
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-ROUTES = ("side", "merged")
-
-# Planner cost model, in flop-equivalents (see `plan`).
-_BYTE_FLOPS = 150.0  # tensor-core flops per byte of DRAM traffic: A100 312T / 2.0 TB/s, H200 990T / 4.8 TB/s
-_LAUNCH_FLOPS = 2e9  # one more kernel costs a few microseconds of GPU time, however small its work
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -430,28 +427,6 @@ def available() -> bool:
     return _INTERPRET or torch.cuda.is_available()
 
 
-def plan(M: int, K: int, N: int, r: int, itemsize: int = 2) -> str:
-    """Pick the route of one GEMM from K to N features over M rows with a rank-r term: "side" or "merged".
-
-    Both routes run the shrink (t = x U^T in the forward, v = dY L in the backward): autograd keeps t, and
-    grad_e needs v. What differs, with F = _BYTE_FLOPS * itemsize flop-equivalents per element moved:
-
-        side:    the GEMM epilogue adds (t*e) L^T      2*M*r*N flops  + F*(M + N)*r        (reads t and L)
-        merged:  W_eff = W + L diag(e) U, plain GEMM   2*r*K*N flops  + F*(2*K*N + r*(K+N)) (reads W, L, U,
-                                                       + _LAUNCH_FLOPS                      writes W_eff)
-
-    so "merged" wins once M > (2rKN + F(2KN + r(K+N)) + _LAUNCH_FLOPS - FNr) / (2rN + Fr). In bf16/fp16:
-    K = N = 768, r = 768 (the paper's full-rank ViT-B): M > ~2.4k; K = N = 4096: r = 1024 above ~5.5k rows,
-    r = 64 above ~26k, r = 16 above ~93k. The model assumes tensor-core rates for both routes.
-
-    The backward GEMM dX = dY W runs from N to K features: call plan(M, N, K, r) for it.
-    """
-    f = _BYTE_FLOPS * itemsize
-    side = 2.0 * M * r * N + f * (M + N) * r
-    merged = 2.0 * r * K * N + f * (2.0 * K * N + r * (K + N)) + _LAUNCH_FLOPS
-    return "merged" if merged < side else "side"
-
-
 def _check_device(*tensors):
     device = tensors[0].device
     if device.type != "cuda" and not _INTERPRET:
@@ -497,7 +472,7 @@ def _check_out(out, shape, dtype, name):
 
 def _route(route, M, K, N, r, itemsize):
     if route is None:
-        return plan(M, K, N, r, itemsize)
+        return plan(M, K, N, r, itemsize, "cuda")
     if route not in ROUTES:
         raise ValueError(f"route must be None, 'side' or 'merged', got {route!r}")
     return route
