@@ -4,6 +4,7 @@ from .adapters import load_loldu, save_loldu
 from .api import (
     LoLDUParametrization,
     add_loldu,
+    base_type,
     disable_loldu,
     enable_loldu,
     get_loldu_params,
@@ -15,15 +16,20 @@ from .api import (
 )
 from .factorize import INITS, LDUFactors, ldu_factors
 from .functional import loldu_linear, loldu_merge
-from .layer import LoLDULinear
+from .layer import LOLDU_LAYERS, LoLDUConv2d, LoLDUEmbedding, LoLDULayer, LoLDULinear
 
 __all__ = [
     "__version__",
     "INITS",
     "LDUFactors",
+    "LOLDU_LAYERS",
+    "LoLDUConv2d",
+    "LoLDUEmbedding",
+    "LoLDULayer",
     "LoLDULinear",
     "LoLDUParametrization",
     "add_loldu",
+    "base_type",
     "disable_loldu",
     "enable_loldu",
     "get_loldu_params",

@@ -15,9 +15,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
-from .api import _replace, _why_not_adaptable, loldu_layers
+from .api import _replace, _why_not_adaptable, base_type, loldu_layers
 from .factorize import weight_checksum
-from .layer import LoLDULinear
+from .layer import LOLDU_LAYERS, LoLDULayer
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -28,7 +28,7 @@ FORMAT_VERSION = 1
 PIVOT_VALUE_RTOL = 1e-2
 
 
-def _fingerprint(layer: LoLDULinear) -> dict:
+def _fingerprint(layer: LoLDULayer) -> dict:
     return {
         "pivots": layer.pivots.tolist(),
         "pivot_values": layer.pivot_values.tolist(),
@@ -54,7 +54,7 @@ def save_loldu(model: nn.Module, directory) -> Path:
     if not layers:
         raise ValueError("save_loldu: the model has no LoLDU layer")
     if any(not name for name, _ in layers):
-        raise ValueError("save_loldu: the model itself is a LoLDULinear; save a module that contains it")
+        raise ValueError("save_loldu: the model itself is a LoLDU layer; save a module that contains it")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     settings = {(layer.rank, layer.alpha, layer.init, layer.init_seed) for _, layer in layers}
@@ -73,8 +73,8 @@ def save_loldu(model: nn.Module, directory) -> Path:
                 "alpha": layer.alpha,
                 "init": layer.init,
                 "init_seed": layer.init_seed,
-                "in_features": layer.in_features,
-                "out_features": layer.out_features,
+                "type": layer.base_class.__name__,
+                "weight_shape": list(layer.weight.shape),
                 "base": _fingerprint(layer),
             }
             for name, layer in layers
@@ -125,7 +125,7 @@ def _read_tensors(path: Path, layers: dict) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-def _check_base(name: str, layer: LoLDULinear, saved: dict, path: Path) -> None:
+def _check_base(name: str, layer: LoLDULayer, saved: dict, path: Path) -> None:
     if layer.pivots.tolist() != saved["pivots"]:
         raise ValueError(f"load_loldu: layer {name!r} has a different base weight than the adapter in {path} "
                          f"was trained on (its LU pivots differ)")
@@ -158,26 +158,25 @@ def load_loldu(model: nn.Module, directory, adapter_name: str = "default") -> nn
     modules = dict(model.named_modules())
     for name, spec in layers.items():
         module = modules.get(name)
-        if not isinstance(module, nn.Linear):
+        base = base_type(module) if module is not None else None
+        if base is None or base.__name__ != spec["type"]:
             found = "nothing" if module is None else type(module).__name__
             raise ValueError(f"load_loldu: the adapter in {directory} has layer {name!r}, but the model has "
-                             f"{found} there (an nn.Linear is needed)")
-        if (module.in_features, module.out_features) != (spec["in_features"], spec["out_features"]):
-            raise ValueError(f"load_loldu: layer {name!r} is {module.out_features}x{module.in_features}, the "
-                             f"adapter expects {spec['out_features']}x{spec['in_features']}")
+                             f"{found} there (an nn.{spec['type']} is needed)")
+        if list(module.weight.shape) != spec["weight_shape"]:
+            raise ValueError(f"load_loldu: layer {name!r} has a weight of shape {list(module.weight.shape)}, the "
+                             f"adapter expects {spec['weight_shape']}")
         settings = (spec["rank"], spec["alpha"], spec["init"], spec["init_seed"])
-        if isinstance(module, LoLDULinear) and (module.rank, module.alpha, module.init, module.init_seed) == settings:
+        if isinstance(module, LoLDULayer) and (module.rank, module.alpha, module.init, module.init_seed) == settings:
             target, replaces = module, False
         else:
-            if not isinstance(module, LoLDULinear):
-                parent = modules[name.rpartition(".")[0]]
-                reason = _why_not_adaptable(name, module, parent)
-                if reason:
-                    raise ValueError(f"load_loldu: cannot adapt {name!r}: {reason}")
+            reason = _why_not_adaptable(name, module, modules[name.rpartition(".")[0]])
+            if reason:
+                raise ValueError(f"load_loldu: cannot adapt {name!r}: {reason}")
             backend = getattr(module, "backend", "auto")
-            target = LoLDULinear.from_linear(module, spec["rank"], spec["alpha"], spec["init"], spec["init_seed"],
-                                             backend, name, freeze=False)
-            if isinstance(module, LoLDULinear):
+            target = LOLDU_LAYERS[base].from_base(module, spec["rank"], spec["alpha"], spec["init"],
+                                                  spec["init_seed"], backend, name, freeze=False)
+            if isinstance(module, LoLDULayer):
                 target.base_requires_grad = module.base_requires_grad
             replaces = True
         _check_base(name, target, spec["base"], directory)

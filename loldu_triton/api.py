@@ -1,4 +1,5 @@
-"""The public API of the LoLDU reference code (minloldu), backed by LoLDULinear, plus PEFT-style targeting."""
+"""The public API of the LoLDU reference code (minloldu), backed by the fused LoLDU layers, plus PEFT-style
+targeting."""
 from __future__ import annotations
 
 import re
@@ -8,41 +9,64 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .layer import LoLDULinear, LoLDUMixin
+from .layer import LOLDU_LAYERS, LoLDULayer, LoLDUMixin
 
 
 class LoLDUParametrization(LoLDUMixin, nn.Module):
-    """A weight parametrization ``W -> W + L diag(e) U`` (usable with torch.nn.utils.parametrize).
+    """A weight parametrization ``W -> W + L diag(e) U`` (usable with torch.nn.utils.parametrize), for a
+    weight viewed as a matrix (out x everything else).
 
-    ``add_loldu`` turns one made for an ``nn.Linear`` into a ``LoLDULinear``, which never rebuilds the weight.
+    ``add_loldu`` turns one made for an nn.Linear, nn.Conv2d or nn.Embedding into the matching LoLDU layer.
     """
 
     def __init__(self, weight: torch.Tensor, rank: int, alpha=None, init="lu", init_seed=0, name="weight"):
         nn.Module.__init__(self)
-        self._init_loldu(weight, rank, alpha, init, init_seed, name)
+        self._init_loldu(weight.reshape(weight.shape[0], -1), rank, alpha, init, init_seed, name)
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, rank: int, alpha=None, init="lu", init_seed=0):
+        return cls(layer.weight, rank, alpha, init, init_seed, name=f"{type(layer).__name__} weight")
+
+    @classmethod
+    def from_conv2d(cls, layer: nn.Conv2d, rank: int, alpha=None, init="lu", init_seed=0):
+        """On the weight viewed as out_channels x (in_channels / groups * kh * kw)."""
+        return cls(layer.weight, rank, alpha, init, init_seed, name=f"{type(layer).__name__} weight")
+
+    @classmethod
+    def from_embedding(cls, layer: nn.Embedding, rank: int, alpha=None, init="lu", init_seed=0):
+        """On the num_embeddings x embedding_dim table."""
         return cls(layer.weight, rank, alpha, init, init_seed, name=f"{type(layer).__name__} weight")
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.loldu_enabled:
             return weight
         delta = (self.L.float() * self.loldu_scale()) @ self.U.float()
-        return weight + delta.to(weight.dtype)
+        return weight + delta.view_as(weight).to(weight.dtype)
 
 
-def loldu_layers(model: nn.Module) -> List[Tuple[str, LoLDULinear]]:
-    """(name, layer) of every LoLDULinear in ``model``."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoLDULinear)]
+def loldu_layers(model: nn.Module) -> List[Tuple[str, LoLDULayer]]:
+    """(name, layer) of every LoLDU layer (LoLDULinear, LoLDUConv2d, LoLDUEmbedding) in ``model``."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoLDULayer)]
+
+
+def base_type(module: nn.Module) -> Optional[type]:
+    """The supported base layer type ``module`` is (nn.Linear, nn.Conv2d, nn.Embedding), or None."""
+    if isinstance(module, LoLDULayer):
+        return module.base_class
+    return next((base for base in LOLDU_LAYERS if isinstance(module, base)), None)
 
 
 def _why_not_adaptable(name: str, module: nn.Module, parent: Optional[nn.Module]) -> Optional[str]:
-    """None when LoLDULinear can stand in for this nn.Linear, else the reason it cannot."""
+    """None when a LoLDU layer can stand in for this module, else the reason it cannot."""
+    base = base_type(module)
+    if base is None:
+        return f"{type(module).__name__} is not an nn.Linear, nn.Conv2d or nn.Embedding"
+    if isinstance(module, LoLDULayer):
+        return None
     if isinstance(parent, nn.MultiheadAttention):
         return "nn.MultiheadAttention reads its out_proj weight directly, bypassing the layer's forward"
-    if type(module).forward is not nn.Linear.forward:
-        return f"{type(module).__name__} overrides nn.Linear.forward, which LoLDULinear would bypass"
+    if type(module).forward is not base.forward:
+        return f"{type(module).__name__} overrides nn.{base.__name__}.forward, which LoLDU would bypass"
     return None
 
 
@@ -51,42 +75,47 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), attr, new)
 
 
-def _select_targets(model, target_modules) -> Tuple[List[str], List[str]]:
-    """Names of the nn.Linear layers to adapt, and of targeted layers that already have LoLDU."""
+def _select_targets(model, target_modules, by_type=lambda m: isinstance(m, nn.Linear)) -> Tuple[List[str], List[str]]:
+    """Names of the layers to adapt, and of targeted layers that already have LoLDU.
+
+    None and "all-linear" take the layers ``by_type`` accepts (nn.Linear), leaving out with a warning those
+    LoLDU cannot stand in for; names and regexes may also pick nn.Conv2d and nn.Embedding layers, as in PEFT,
+    and naming a layer LoLDU cannot stand in for is an error."""
     modules = dict(model.named_modules())
     parents = {f"{p}.{c}" if p else c: m for p, m in modules.items() for c, _ in m.named_children()}
 
-    def adaptable(name):
-        return _why_not_adaptable(name, modules[name], parents.get(name)) is None
+    def reason(name):
+        return _why_not_adaptable(name, modules[name], parents.get(name))
 
-    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n]
     if target_modules is None or target_modules == "all-linear":
-        chosen = [n for n in linears if isinstance(modules[n], LoLDULinear) or adaptable(n)]
-        skipped = [n for n in linears if n not in chosen]
+        typed = [n for n, m in modules.items() if n and by_type(m)]
+        chosen = [n for n in typed if reason(n) is None]
+        skipped = [n for n in typed if n not in chosen]
         if skipped:
-            warnings.warn(f"add_loldu: left out {skipped}: " + "; ".join(
-                _why_not_adaptable(n, modules[n], parents.get(n)) for n in skipped), stacklevel=3)
+            warnings.warn(f"add_loldu: left out {skipped}: " + "; ".join(reason(n) for n in skipped), stacklevel=3)
         if target_modules == "all-linear":
             chosen = [n for n in chosen if n.rpartition(".")[2] != "lm_head"]
-    elif isinstance(target_modules, str):
-        pattern = re.compile(target_modules)
-        chosen = [n for n in linears if pattern.fullmatch(n)]
-        if not chosen:
-            raise ValueError(f"add_loldu: target_modules regex {target_modules!r} matches no nn.Linear layer")
     else:
-        chosen = []
-        for target in target_modules:
-            hits = [n for n in linears if n == target or n.endswith("." + target)]
-            if not hits:
-                raise ValueError(f"add_loldu: target_modules entry {target!r} matches no nn.Linear layer")
-            chosen += [n for n in hits if n not in chosen]
+        layers = [n for n, m in modules.items() if n and base_type(m) is not None]
+        if isinstance(target_modules, str):
+            chosen = [n for n in layers if re.fullmatch(target_modules, n)]
+            if not chosen:
+                raise ValueError(f"add_loldu: target_modules regex {target_modules!r} matches no nn.Linear, "
+                                 f"nn.Conv2d or nn.Embedding layer")
+        else:
+            chosen = []
+            for target in target_modules:
+                hits = [n for n in layers if n == target or n.endswith("." + target)]
+                if not hits:
+                    raise ValueError(f"add_loldu: target_modules entry {target!r} matches no nn.Linear, "
+                                     f"nn.Conv2d or nn.Embedding layer")
+                chosen += [n for n in hits if n not in chosen]
+        for n in chosen:
+            if reason(n):
+                raise ValueError(f"add_loldu: cannot adapt {n!r}: {reason(n)}")
     if not chosen:
-        raise ValueError("add_loldu: the model has no nn.Linear layer to adapt")
-    for n in chosen:
-        reason = None if isinstance(modules[n], LoLDULinear) else _why_not_adaptable(n, modules[n], parents.get(n))
-        if reason:
-            raise ValueError(f"add_loldu: cannot adapt {n!r}: {reason}")
-    existing = [n for n in chosen if isinstance(modules[n], LoLDULinear)]
+        raise ValueError("add_loldu: the model has no layer to adapt")
+    existing = [n for n in chosen if isinstance(modules[n], LoLDULayer)]
     return [n for n in chosen if n not in existing], existing
 
 
@@ -112,11 +141,13 @@ def add_loldu(
     target_modules: Union[None, str, Sequence[str]] = None,
     backend: str = "auto",
 ) -> nn.Module:
-    """Replace the targeted nn.Linear layers of ``model`` with LoLDULinear, in place (and return the model).
+    """Replace the targeted layers of ``model`` with LoLDU layers, in place (and return the model).
 
     Either the reference code's ``loldu_config`` ({nn.Linear: {"weight": partial(LoLDUParametrization
-    .from_linear, rank=r)}}) or ``rank=`` with ``target_modules``: None (every nn.Linear), "all-linear"
-    (all but an output head named ``lm_head``), a list of names (suffix match) or a regex (full match).
+    .from_linear, rank=r)}}, likewise nn.Conv2d with from_conv2d and nn.Embedding with from_embedding) or
+    ``rank=`` with ``target_modules``: None (every nn.Linear), "all-linear" (all but an output head named
+    ``lm_head``), a list of names (suffix match) or a regex (full match); names and regexes may also pick
+    nn.Conv2d and nn.Embedding layers.
     A rank larger than a layer can hold is clamped to its full rank with a warning; ``rank="full"`` asks for
     every layer's full rank, min(in, out) (the paper's ViT setting), without one. Layers that already have
     LoLDU are left as they are. Nothing is changed if any layer fails.
@@ -125,39 +156,42 @@ def add_loldu(
         raise ValueError("add_loldu: pass either loldu_config or rank=, not both and not neither")
     if rank is not None and rank != "full" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"add_loldu: rank must be a positive int or 'full', got {rank!r}")
-    if isinstance(model, nn.Linear):
-        raise ValueError("add_loldu: the model itself is an nn.Linear; use LoLDULinear.from_linear(layer, rank)")
+    if base_type(model) is not None:
+        raise ValueError(f"add_loldu: the model itself is a {type(model).__name__}; use "
+                         f"LoLDULinear.from_base(layer, rank) (or LoLDUConv2d / LoLDUEmbedding)")
     if loldu_config is not None:
         for cls in loldu_config:
-            if not (isinstance(cls, type) and issubclass(cls, nn.Linear)):
-                raise ValueError(f"add_loldu: only nn.Linear layers are supported, loldu_config names {cls}")
-        targets, existing = _select_targets(model, None)
-        targets = [n for n in targets if _config_factory(loldu_config, model.get_submodule(n))]
+            if not (isinstance(cls, type) and any(issubclass(cls, base) for base in LOLDU_LAYERS)):
+                raise ValueError(f"add_loldu: supported layers are nn.Linear, nn.Conv2d and nn.Embedding; "
+                                 f"loldu_config names {cls}")
+        targets, existing = _select_targets(model, None, lambda m: _config_factory(loldu_config, m) is not None)
     else:
         targets, existing = _select_targets(model, target_modules)
     if existing:
         warnings.warn(f"add_loldu: {existing} already have LoLDU; left as they are (adapters never stack)",
                       stacklevel=2)
 
-    built: Dict[str, LoLDULinear] = {}
+    built: Dict[str, LoLDULayer] = {}
     for name in targets:
-        linear = model.get_submodule(name)
+        module = model.get_submodule(name)
+        cls = LOLDU_LAYERS[base_type(module)]
         if loldu_config is not None:
             try:
-                spec = _config_factory(loldu_config, linear)(linear)
+                spec = _config_factory(loldu_config, module)(module)
             except ValueError as err:
                 raise ValueError(f"add_loldu: layer {name!r}: {err}") from err
             if not isinstance(spec, LoLDUParametrization):
                 raise TypeError(f"add_loldu: the factory for {name!r} must return a LoLDUParametrization")
-            layer = LoLDULinear.from_parametrization(linear, spec, backend, name, freeze=False)
+            layer = cls.from_parametrization(module, spec, backend, name, freeze=False)
         else:
-            full = min(linear.in_features, linear.out_features)
+            out_f = module.weight.shape[0]
+            in_f = module.weight[0].numel()
+            full = min(out_f, in_f)
             if rank != "full" and rank > full:
-                warnings.warn(f"add_loldu: {name!r} ({linear.out_features}x{linear.in_features}) holds at most "
-                              f"rank {full}; using {full} instead of {rank}", stacklevel=2)
+                warnings.warn(f"add_loldu: {name!r} ({out_f}x{in_f}) holds at most rank {full}; using {full} "
+                              f"instead of {rank}", stacklevel=2)
             rank_here = full if rank == "full" else min(rank, full)
-            layer = LoLDULinear.from_linear(linear, rank_here, alpha, init, init_seed, backend, name,
-                                            freeze=False)
+            layer = cls.from_base(module, rank_here, alpha, init, init_seed, backend, name, freeze=False)
         built[name] = layer
     for name, layer in built.items():
         layer.freeze_base()
@@ -203,17 +237,17 @@ def enable_loldu(model: nn.Module) -> None:
 def _unwrap(model: nn.Module, merge: bool) -> None:
     for name, layer in loldu_layers(model):
         if not name:
-            raise ValueError("the model itself is a LoLDULinear; use its to_linear(merge=...) method")
-        _replace(model, name, layer.to_linear(merge))
+            raise ValueError(f"the model itself is a {type(layer).__name__}; use its to_base(merge=...) method")
+        _replace(model, name, layer.to_base(merge))
 
 
 def remove_loldu(model: nn.Module) -> None:
-    """Plain nn.Linear layers holding the untouched base weights (the trained adapter is discarded)."""
+    """Plain base layers holding the untouched base weights (the trained adapter is discarded)."""
     _unwrap(model, merge=False)
 
 
 def merge_loldu(model: nn.Module) -> None:
-    """Plain nn.Linear layers holding W0 + L diag(e) U (no LoLDU parameters left)."""
+    """Plain base layers holding W0 + L diag(e) U (no LoLDU parameters left)."""
     _unwrap(model, merge=True)
 
 

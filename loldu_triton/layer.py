@@ -1,8 +1,10 @@
-"""LoLDULinear: a drop-in nn.Linear that trains only a diagonal between frozen LDU factors of its weight."""
+"""Drop-in nn.Linear, nn.Conv2d and nn.Embedding layers that train only a diagonal between frozen LDU factors
+of their weight (viewed as a matrix: out x in, out x (in * kh * kw), num_embeddings x dim)."""
 from __future__ import annotations
 
+import copy
 import numbers
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -79,12 +81,130 @@ class LoLDUMixin:
         return self
 
 
-class LoLDULinear(LoLDUMixin, nn.Linear):
+def _own_copy(value):
+    """A module attribute as a new module of another class may hold it: its own containers, shared tensors."""
+    return copy.copy(value) if isinstance(value, (dict, set, list)) else value
+
+
+class LoLDULayer(LoLDUMixin):
+    """What the LoLDU layers share: they wrap a base layer, sharing its frozen weight and bias (no copy)."""
+
+    base_class: type = nn.Module
+
+    @classmethod
+    def from_base(
+        cls,
+        module: nn.Module,
+        rank: int,
+        alpha: Optional[float] = None,
+        init: str = "lu",
+        init_seed: int = 0,
+        backend: str = "auto",
+        name: Optional[str] = None,
+        freeze: bool = True,
+    ):
+        """Wrap ``module`` (a ``base_class``), keeping all its attributes and sharing its weight and bias.
+
+        ``freeze=False`` leaves their requires_grad untouched until ``freeze_base()``, so a caller can build
+        several layers and commit only when all succeeded.
+        """
+        self = cls._shell(module)
+        self._setup(rank, alpha, init, init_seed, backend, name, freeze)
+        return self
+
+    @classmethod
+    def from_parametrization(cls, module: nn.Module, parametrization: LoLDUMixin, backend="auto", name=None,
+                             freeze=True):
+        """Wrap ``module`` with the factors and values of a LoLDUParametrization of its weight."""
+        self = cls._shell(module)
+        p = parametrization
+        self._setup(p.rank, p.alpha, p.init, p.init_seed, backend, name, freeze, source=p)
+        return self
+
+    @classmethod
+    def _shell(cls, module: nn.Module):
+        self = cls.__new__(cls)
+        # Same attributes (stride, padding_idx, hooks, ...) and the same parameter objects; own containers.
+        self.__dict__.update({k: _own_copy(v) for k, v in module.__dict__.items()})
+        return self
+
+    def weight2d(self) -> torch.Tensor:
+        return self.weight.reshape(self.weight.shape[0], -1)
+
+    def _setup(self, rank, alpha, init, init_seed, backend, name, freeze, source=None):
+        out_f, in_f = self.weight2d().shape
+        name = name or f"{type(self).__name__}({out_f}x{in_f})"
+        limit = min(out_f, in_f)
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= limit:
+            raise ValueError(
+                f"{name}: rank must be an int in [1, min(out, in)] = [1, {limit}] for weight "
+                f"{out_f}x{in_f}, got {rank!r}"
+            )
+        self._check_supported(name)
+        self.backend = backend
+        self.base_requires_grad = (self.weight.requires_grad, self.bias is not None and self.bias.requires_grad)
+        self._init_loldu(self.weight2d(), rank, alpha, init, init_seed, name, source)
+        if freeze:
+            self.freeze_base()
+
+    def _check_supported(self, name: str) -> None:
+        """Raise for base-layer options LoLDU cannot honour."""
+
+    def freeze_base(self) -> None:
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W0 + L diag(e) U in the weight's shape and dtype."""
+        merged = loldu_merge(self.weight2d(), self.L, self.U, self.loldu_scale(), backend=self.backend)
+        return merged.view_as(self.weight)
+
+    def to_base(self, merge: bool) -> nn.Module:
+        """The plain base layer: the base weight itself (merge=False) or W0 + delta (merge=True)."""
+        base = self.base_class.__new__(self.base_class)
+        own = set(_FACTOR_BUFFERS) | {"d", "s", "rank", "alpha", "init", "init_seed", "loldu_name",
+                                      "loldu_enabled", "backend", "base_requires_grad"}
+        base.__dict__.update({k: _own_copy(v) for k, v in self.__dict__.items() if k not in own})
+        for store in ("_parameters", "_buffers"):
+            for key in own & set(getattr(base, store)):
+                del getattr(base, store)[key]
+        base._non_persistent_buffers_set -= own
+        w_grad, b_grad = self.base_requires_grad
+        base.weight = nn.Parameter(self.merged_weight(), requires_grad=w_grad) if merge else self.weight
+        base.weight.requires_grad_(w_grad)
+        if self.bias is not None:
+            self.bias.requires_grad_(b_grad)
+        return base
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "weight" in state_dict:
+            # A new base weight: its factors change, and a fresh adapter must again start at e == 0.
+            self._refactorize(self.weight2d())
+            if prefix + "d" not in state_dict:
+                self.reset_loldu()
+
+    def _check_width(self, x: torch.Tensor, dim: int, expected: int, what: str) -> None:
+        if x.dim() < -dim or x.shape[dim] != expected:
+            size = x.shape[dim] if x.dim() >= -dim else None
+            raise ValueError(f"{self.loldu_name}: input of shape {tuple(x.shape)} has {what} {size}, "
+                             f"expected {expected}")
+
+    def _loldu_repr(self) -> str:
+        return f", rank={self.rank}, alpha={self.alpha:g}, init={self.init!r}" + (
+            "" if self.loldu_enabled else ", disabled")
+
+
+class LoLDULinear(LoLDULayer, nn.Linear):
     """``y = x W^T + b + ((x U^T) * e) L^T``: an nn.Linear (same ``weight``/``bias``, frozen) plus LoLDU.
 
     Trainable: ``d`` (rank values) and ``s`` (one scale), float32. The factors are non-persistent buffers
     recomputed from ``weight``, so a base checkpoint loads into this layer and then refactorizes it.
     """
+
+    base_class = nn.Linear
 
     def __init__(
         self,
@@ -105,62 +225,11 @@ class LoLDULinear(LoLDUMixin, nn.Linear):
         self._setup(rank, alpha, init, init_seed, backend, name, freeze=True)
 
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        rank: int,
-        alpha: Optional[float] = None,
-        init: str = "lu",
-        init_seed: int = 0,
-        backend: str = "auto",
-        name: Optional[str] = None,
-        freeze: bool = True,
-    ) -> "LoLDULinear":
-        """Wrap ``linear``, sharing its weight and bias tensors (no copy).
-
-        ``freeze=False`` leaves their requires_grad untouched until ``freeze_base()``, so a caller can build
-        several layers and commit only when all succeeded.
-        """
-        self = cls._shell(linear)
-        self._setup(rank, alpha, init, init_seed, backend, name, freeze)
-        return self
-
-    @classmethod
-    def from_parametrization(cls, linear: nn.Linear, parametrization: LoLDUMixin, backend="auto", name=None,
-                             freeze=True) -> "LoLDULinear":
-        """Wrap ``linear`` with the factors and values of a LoLDUParametrization of its weight."""
-        self = cls._shell(linear)
-        p = parametrization
-        self._setup(p.rank, p.alpha, p.init, p.init_seed, backend, name, freeze, source=p)
-        return self
-
-    @classmethod
-    def _shell(cls, linear: nn.Linear) -> "LoLDULinear":
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
-        return self
-
-    def _setup(self, rank, alpha, init, init_seed, backend, name, freeze, source=None):
-        name = name or f"LoLDULinear(in={self.in_features}, out={self.out_features})"
-        limit = min(self.in_features, self.out_features)
-        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= limit:
-            raise ValueError(
-                f"{name}: rank must be an int in [1, min(in, out)] = [1, {limit}] for weight "
-                f"{self.out_features}x{self.in_features}, got {rank!r}"
-            )
-        self.backend = backend
-        self.base_requires_grad = (self.weight.requires_grad, self.bias is not None and self.bias.requires_grad)
-        self._init_loldu(self.weight, rank, alpha, init, init_seed, name, source)
-        if freeze:
-            self.freeze_base()
-
-    def freeze_base(self) -> None:
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+    def from_linear(cls, linear: nn.Linear, rank: int, alpha: Optional[float] = None, init: str = "lu",
+                    init_seed: int = 0, backend: str = "auto", name: Optional[str] = None,
+                    freeze: bool = True) -> "LoLDULinear":
+        """Wrap ``linear`` (see ``from_base``)."""
+        return cls.from_base(linear, rank, alpha, init, init_seed, backend, name, freeze)
 
     def reset_parameters(self) -> None:
         nn.Linear.reset_parameters(self)
@@ -170,44 +239,59 @@ class LoLDULinear(LoLDUMixin, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.loldu_enabled:
-            if x.shape[-1] != self.in_features:
-                raise ValueError(
-                    f"{self.loldu_name}: input of shape {tuple(x.shape)} has last dim {x.shape[-1]}, "
-                    f"expected {self.in_features}"
-                )
+            self._check_width(x, -1, self.in_features, "last dim")
             return F.linear(x, self.weight, self.bias)
         return loldu_linear(
             x, self.weight, self.bias, self.L, self.U, self.loldu_scale(), self.backend, name=self.loldu_name
         )
 
-    @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """W0 + L diag(e) U in the weight's dtype."""
-        return loldu_merge(self.weight, self.L, self.U, self.loldu_scale(), backend=self.backend)
+    def extra_repr(self) -> str:
+        return nn.Linear.extra_repr(self) + self._loldu_repr()
 
-    def to_linear(self, merge: bool) -> nn.Linear:
-        """A plain nn.Linear: the base weight itself (merge=False) or W0 + delta (merge=True)."""
-        linear = nn.Linear.__new__(nn.Linear)
-        nn.Module.__init__(linear)
-        linear.in_features, linear.out_features = self.in_features, self.out_features
-        w_grad, b_grad = self.base_requires_grad
-        linear.weight = nn.Parameter(self.merged_weight(), requires_grad=w_grad) if merge else self.weight
-        linear.weight.requires_grad_(w_grad)
-        linear.bias = self.bias
-        if self.bias is not None:
-            self.bias.requires_grad_(b_grad)
-        return linear
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if prefix + "weight" in state_dict:
-            # A new base weight: its factors change, and a fresh adapter must again start at e == 0.
-            self._refactorize(self.weight)
-            if prefix + "d" not in state_dict:
-                self.reset_loldu()
+class LoLDUConv2d(LoLDULayer, nn.Conv2d):
+    """An nn.Conv2d whose weight, viewed as out x (in/groups * kh * kw), gets LoLDU.
+
+    The forward convolves with W0 + L diag(e) U built in float32 for each call: for convolutions the rows of
+    the GEMM (batch x output positions) far outnumber the weight's, which is where merging is the cheaper
+    route (see loldu_triton.planner). The delta is kernel-sized, never activation-sized.
+    """
+
+    base_class = nn.Conv2d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_width(x, -3, self.in_channels, "channel dim")
+        if not self.loldu_enabled:
+            return self._conv_forward(x, self.weight, self.bias)
+        weight = loldu_merge(self.weight2d(), self.L, self.U, self.loldu_scale(), backend="torch")
+        return self._conv_forward(x, weight.view_as(self.weight), self.bias)
 
     def extra_repr(self) -> str:
-        return (
-            f"{nn.Linear.extra_repr(self)}, rank={self.rank}, alpha={self.alpha:g}, init={self.init!r}"
-            + ("" if self.loldu_enabled else ", disabled")
-        )
+        return nn.Conv2d.extra_repr(self) + self._loldu_repr()
+
+
+class LoLDUEmbedding(LoLDULayer, nn.Embedding):
+    """An nn.Embedding with LoLDU on its table: ``y = W0[i] + (L[i] * e) U``, no table-sized delta."""
+
+    base_class = nn.Embedding
+    bias = None  # an embedding has none; the shared LoLDULayer code asks
+
+    def _check_supported(self, name: str) -> None:
+        if self.max_norm is not None:
+            raise ValueError(f"{name}: nn.Embedding with max_norm renormalizes its weight in place, which LoLDU "
+                             f"never modifies; use max_norm=None")
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        base = F.embedding(idx, self.weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq,
+                           self.sparse)
+        if not self.loldu_enabled:
+            return base
+        rows = F.embedding(idx, self.L)
+        return base + (rows * self.loldu_scale()).to(base.dtype) @ self.U
+
+    def extra_repr(self) -> str:
+        return nn.Embedding.extra_repr(self) + self._loldu_repr()
+
+
+# The base layer type each LoLDU layer stands in for.
+LOLDU_LAYERS: Dict[type, type] = {cls.base_class: cls for cls in (LoLDULinear, LoLDUConv2d, LoLDUEmbedding)}

@@ -77,7 +77,7 @@ def test_loading_a_base_checkpoint_refactorizes_and_restarts_at_the_base():
 
 @pytest.mark.parametrize("rank", [0, 9, -2, 2.5])
 def test_bad_rank_is_refused_naming_the_layer(rank):
-    with pytest.raises(ValueError, match=r"enc\.q: rank must be an int in \[1, min\(in, out\)\] = \[1, 8\]"):
+    with pytest.raises(ValueError, match=r"enc\.q: rank must be an int in \[1, min\(out, in\)\] = \[1, 8\]"):
         LoLDULinear.from_linear(nn.Linear(8, 12), rank, name="enc.q")
 
 
