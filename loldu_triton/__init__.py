@@ -3,6 +3,7 @@ from ._version import __version__
 from .adapters import load_loldu, save_loldu
 from .api import (
     LoLDUParametrization,
+    adapter_batch,
     add_loldu,
     base_type,
     disable_loldu,
@@ -28,6 +29,7 @@ __all__ = [
     "LoLDULayer",
     "LoLDULinear",
     "LoLDUParametrization",
+    "adapter_batch",
     "add_loldu",
     "base_type",
     "disable_loldu",

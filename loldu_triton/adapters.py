@@ -146,9 +146,14 @@ def load_loldu(model: nn.Module, directory, adapter_name: str = "default") -> nn
 
     Layers without LoLDU get it; every check (files, layer names and shapes, base-weight fingerprints) runs
     before anything changes, so on an error the model is left exactly as it was.
+
+    adapter_name="default" loads into the trainable adapter (d, s). Any other name stores a frozen named
+    adapter next to it, for ``adapter_batch``; named adapters share the layer's factors, so their rank, alpha
+    and init must be the layer's (a layer without LoLDU gets it with the adapter's settings, at init).
     """
-    if adapter_name != "default":
-        raise ValueError(f"load_loldu: only adapter_name='default' is supported, got {adapter_name!r}")
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"load_loldu: adapter_name must be a non-empty string, got {adapter_name!r}")
+    named = adapter_name != "default"
     directory = Path(directory)
     config = _read_config(directory / CONFIG_NAME)
     layers = config["layers"]
@@ -167,8 +172,16 @@ def load_loldu(model: nn.Module, directory, adapter_name: str = "default") -> nn
             raise ValueError(f"load_loldu: layer {name!r} has a weight of shape {list(module.weight.shape)}, the "
                              f"adapter expects {spec['weight_shape']}")
         settings = (spec["rank"], spec["alpha"], spec["init"], spec["init_seed"])
+        if named and base is not nn.Linear:
+            raise ValueError(f"load_loldu: layer {name!r} is an nn.{base.__name__}; named adapters are for "
+                             f"nn.Linear layers only")
         if isinstance(module, LoLDULayer) and (module.rank, module.alpha, module.init, module.init_seed) == settings:
             target, replaces = module, False
+        elif named and isinstance(module, LoLDULayer):
+            raise ValueError(f"load_loldu: layer {name!r} has LoLDU with (rank, alpha, init, init_seed) = "
+                             f"{(module.rank, module.alpha, module.init, module.init_seed)}, adapter "
+                             f"{adapter_name!r} was trained with {settings}; named adapters share the layer's "
+                             f"factors and initial diagonal")
         else:
             reason = _why_not_adaptable(name, module, modules[name.rpartition(".")[0]])
             if reason:
@@ -183,12 +196,16 @@ def load_loldu(model: nn.Module, directory, adapter_name: str = "default") -> nn
         plan.append((name, target, replaces))
 
     others = [n for n, _ in loldu_layers(model) if n not in layers]
-    if others:
+    if others and not named:
         warnings.warn(f"load_loldu: {others} have LoLDU but are not in the adapter; left as they are", stacklevel=2)
     for name, target, replaces in plan:
-        with torch.no_grad():
-            target.d.copy_(tensors[f"{name}.d"])
-            target.s.copy_(tensors[f"{name}.s"])
+        d, s = tensors[f"{name}.d"].to(target.d.device), tensors[f"{name}.s"].to(target.d.device)
+        if named:
+            target.set_named_adapter(adapter_name, target.scale_of(d, s))
+        else:
+            with torch.no_grad():
+                target.d.copy_(d)
+                target.s.copy_(s)
         if replaces:
             target.freeze_base()
             _replace(model, name, target)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .layer import LOLDU_LAYERS, LoLDULayer, LoLDUMixin
+from .layer import LOLDU_LAYERS, LoLDULayer, LoLDULinear, LoLDUMixin
 
 
 class LoLDUParametrization(LoLDUMixin, nn.Module):
@@ -258,3 +259,35 @@ def print_trainable_parameters(model: nn.Module) -> Tuple[int, int]:
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
           f"trainable%: {100 * trainable / max(total, 1):.4f}")
     return trainable, total
+
+
+@contextmanager
+def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator[nn.Module]:
+    """Run one batch in which element i (the input's first dimension) uses adapter ``names[i]``.
+
+    A name is "default" (the trainable adapter), one loaded with ``load_loldu(..., adapter_name=...)``, or None
+    (the base model). Every adapter of a layer shares its L and U, so x U^T is computed once and only the
+    diagonal is gathered per row. A layer an adapter does not cover runs as its base for that adapter's rows.
+    Leaving the context restores the model as it was.
+    """
+    layers = loldu_layers(model)
+    if not layers:
+        raise ValueError("adapter_batch: the model has no LoLDU layer")
+    for name, layer in layers:
+        if not isinstance(layer, LoLDULinear):
+            raise ValueError(f"adapter_batch: layer {name!r} is a {type(layer).__name__}; mixed-adapter batches "
+                             f"support LoLDULinear layers only")
+    known = {None, "default"}.union(*(layer.adapter_names for _, layer in layers))
+    unknown = sorted({n for n in names if n not in known})
+    if unknown:
+        raise ValueError(f"adapter_batch: unknown adapters {unknown}; the model has "
+                         f"{sorted(k for k in known if k is not None)}")
+    previous = [(layer, layer.batch_rows) for _, layer in layers]
+    try:
+        for _, layer in layers:
+            layer.batch_rows = torch.tensor([layer.batch_table_row(n) for n in names], dtype=torch.int64,
+                                            device=layer.weight.device)
+        yield model
+    finally:
+        for layer, rows in previous:
+            layer.batch_rows = rows

@@ -6,6 +6,7 @@ builds the out x in delta, or, where that is cheaper (many rows, large rank), me
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -37,27 +38,31 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return "triton"
 
 
-def _torch_forward(x2, weight, bias, L, U, e) -> Tuple[torch.Tensor, torch.Tensor]:
+def _torch_forward(x2, weight, bias, L, U, e, rows) -> Tuple[torch.Tensor, torch.Tensor]:
     t = F.linear(x2, U)
-    (N, K), r = weight.shape, e.shape[0]
-    if plan(x2.shape[0], K, N, r, x2.element_size(), x2.device.type, fused_epilogue=False) == "merged":
+    (N, K), r = weight.shape, e.shape[-1]
+    if rows is None and plan(x2.shape[0], K, N, r, x2.element_size(), x2.device.type, fused_epilogue=False) == "merged":
         return F.linear(x2, _torch_merge(weight, L, U, e), bias), t
     y = F.linear(x2, weight, bias)
-    y.addmm_((t * e).to(y.dtype), L.T)
+    y.addmm_((t * (e if rows is None else e[rows])).to(y.dtype), L.T)
     return y, t
 
 
-def _torch_backward(dy2, t, weight, L, U, e, need_dx: bool, need_grad_e: bool):
+def _torch_backward(dy2, t, weight, L, U, e, rows, need_dx: bool, need_grad_e: bool):
     v = dy2 @ L
-    grad_e = (t.float() * v.float()).sum(0) if need_grad_e else None
+    grad_e = None
+    if need_grad_e:
+        tv = t.float() * v.float()
+        grad_e = tv.sum(0) if rows is None else torch.zeros_like(e).index_add_(0, rows, tv)
     dx2 = None
     if need_dx:
-        (N, K), r = weight.shape, e.shape[0]
-        if plan(dy2.shape[0], N, K, r, dy2.element_size(), dy2.device.type, fused_epilogue=False) == "merged":
+        (N, K), r = weight.shape, e.shape[-1]
+        if rows is None and plan(dy2.shape[0], N, K, r, dy2.element_size(), dy2.device.type,
+                                 fused_epilogue=False) == "merged":
             dx2 = dy2 @ _torch_merge(weight, L, U, e)
         else:
             dx2 = dy2 @ weight
-            dx2.addmm_((v * e).to(dx2.dtype), U)
+            dx2.addmm_((v * (e if rows is None else e[rows])).to(dx2.dtype), U)
     return dx2, grad_e
 
 
@@ -68,45 +73,50 @@ def _torch_merge(weight, L, U, e):
 
 class LoLDULinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, L, U, e, backend):
+    def forward(ctx, x, weight, bias, L, U, e, rows, backend):
         x2 = x.reshape(-1, x.shape[-1])
         if backend == "triton":
-            y2, t = _kernels().forward(x2, weight, bias, L, U, e)
+            kernels = _kernels()
+            y2, t = (kernels.forward(x2, weight, bias, L, U, e) if rows is None
+                     else kernels.forward_rows(x2, weight, bias, L, U, e, rows))
         else:
-            y2, t = _torch_forward(x2, weight, bias, L, U, e)
+            y2, t = _torch_forward(x2, weight, bias, L, U, e, rows)
         # x itself is kept only when a gradient of the frozen weight or U is asked for.
         needs_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[4]
-        ctx.save_for_backward(t, weight, L, U, e, x2 if needs_x else None)
+        ctx.save_for_backward(t, weight, L, U, e, rows, x2 if needs_x else None)
         ctx.backend = backend
         ctx.x_shape = x.shape
         return y2.reshape(*x.shape[:-1], y2.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        t, weight, L, U, e, x2 = ctx.saved_tensors
-        need_x, need_w, need_b, need_l, need_u, need_e, _ = ctx.needs_input_grad
+        t, weight, L, U, e, rows, x2 = ctx.saved_tensors
+        need_x, need_w, need_b, need_l, need_u, need_e = ctx.needs_input_grad[:6]
         dy2 = dy.reshape(-1, dy.shape[-1])
         if ctx.backend == "triton" and (need_x or need_e):
-            dx2, grad_e = _kernels().backward(dy2, t, weight, L, U, e)
+            kernels = _kernels()
+            dx2, grad_e = (kernels.backward(dy2, t, weight, L, U, e) if rows is None
+                           else kernels.backward_rows(dy2, t, weight, L, U, e, rows))
         else:
-            dx2, grad_e = _torch_backward(dy2, t, weight, L, U, e, need_x, need_e)
+            dx2, grad_e = _torch_backward(dy2, t, weight, L, U, e, rows, need_x, need_e)
+        e_rows = e if rows is None else e[rows]
         dx = dx2.reshape(ctx.x_shape) if need_x else None
         grad_w = (dy2.T @ x2).to(weight.dtype) if need_w else None
         grad_b = dy2.sum(0) if need_b else None
-        grad_l = (dy2.T @ (t * e).to(dy2.dtype)).to(L.dtype) if need_l else None
+        grad_l = (dy2.T @ (t * e_rows).to(dy2.dtype)).to(L.dtype) if need_l else None
         grad_u = None
         if need_u:
             v = dy2 @ L
-            grad_u = ((v * e).to(dy2.dtype).T @ x2).to(U.dtype)
-        return dx, grad_w, grad_b, grad_l, grad_u, grad_e if need_e else None, None
+            grad_u = ((v * e_rows).to(dy2.dtype).T @ x2).to(U.dtype)
+        return dx, grad_w, grad_b, grad_l, grad_u, grad_e if need_e else None, None, None
 
 
 def check_operands(x, weight, bias, L, U, e, name: str = "loldu_linear") -> None:
     out_f, in_f = weight.shape
-    rank = e.shape[0] if e.dim() == 1 else -1
+    rank = e.shape[-1] if e.dim() in (1, 2) else -1
     if x.shape[-1] != in_f:
         raise ValueError(f"{name}: input of shape {tuple(x.shape)} has last dim {x.shape[-1]}, expected {in_f}")
-    if e.dim() != 1 or L.shape != (out_f, rank) or U.shape != (rank, in_f):
+    if e.dim() not in (1, 2) or L.shape != (out_f, rank) or U.shape != (rank, in_f):
         raise ValueError(
             f"{name}: factor shapes L {tuple(L.shape)}, U {tuple(U.shape)}, e {tuple(e.shape)} do not fit "
             f"weight {tuple(weight.shape)} (want L (out, r), U (r, in), e (r,))"
@@ -126,25 +136,30 @@ def loldu_linear(
     e: torch.Tensor,
     backend: str = "auto",
     *,
+    rows: Optional[torch.Tensor] = None,
     name: str = "loldu_linear",
 ) -> torch.Tensor:
     """``x (W + L diag(e) U)^T + b`` without building the out x in delta.
 
     x: (..., in); weight: (out, in); bias: (out,) or None; L: (out, r); U: (r, in); e: (r,) float32.
     backend: "auto" (Triton kernels for CUDA tensors, else PyTorch), "torch", or "triton" (never falls back).
+    rows: many adapters in one batch. Then e is an (adapters, r) float32 table and rows an int64 tensor with
+        one entry per row of x flattened to (M, in): row m uses e[rows[m]]. Always the side path.
     name: how errors refer to the caller (a layer's name).
     Under torch.autocast the operands are cast to the autocast dtype, as F.linear's are; e stays float32.
     """
+    if (rows is None) != (e.dim() == 1):
+        raise ValueError(f"{name}: pass e of shape (r,), or an (adapters, r) table together with rows")
     device_type = x.device.type
+    autocast_off = contextlib.nullcontext()
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x, weight, L, U = (t.to(dtype) for t in (x, weight, L, U))
         bias = None if bias is None else bias.to(dtype)
-        check_operands(x, weight, bias, L, U, e, name)
-        with torch.autocast(device_type, enabled=False):
-            return LoLDULinearFunction.apply(x, weight, bias, L, U, e, resolve_backend(backend, x))
+        autocast_off = torch.autocast(device_type, enabled=False)
     check_operands(x, weight, bias, L, U, e, name)
-    return LoLDULinearFunction.apply(x, weight, bias, L, U, e, resolve_backend(backend, x))
+    with autocast_off:
+        return LoLDULinearFunction.apply(x, weight, bias, L, U, e, rows, resolve_backend(backend, x))
 
 
 def loldu_merge(weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor, e: torch.Tensor, backend: str = "auto"):

@@ -63,12 +63,17 @@ class LoLDUMixin:
         self.s.copy_(self.s0)
 
     def loldu_scale(self) -> torch.Tensor:
-        """e = s * d - s0 * d0 (float32, r values)."""
-        return self.s * self.d - self.s0 * self.d0
+        """e = s * d - s0 * d0 (float32, r values) of the trainable adapter."""
+        return self.scale_of(self.d, self.s)
+
+    def scale_of(self, d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """e of an adapter with values d, s on this layer's factors."""
+        return s * d - self.s0 * self.d0
 
     def _apply(self, fn, recurse=True):
         # .half()/.to(dtype) must not round the adapter state; only its device follows.
-        keep = {name: getattr(self, name).detach() for name in _FLOAT32_STATE}
+        keep = {name: getattr(self, name).detach() for name in _FLOAT32_STATE + ("adapter_table",)
+                if getattr(self, name, None) is not None}
         super()._apply(fn, recurse)
         for name, before in keep.items():
             current = getattr(self, name)
@@ -165,7 +170,8 @@ class LoLDULayer(LoLDUMixin):
         """The plain base layer: the base weight itself (merge=False) or W0 + delta (merge=True)."""
         base = self.base_class.__new__(self.base_class)
         own = set(_FACTOR_BUFFERS) | {"d", "s", "rank", "alpha", "init", "init_seed", "loldu_name",
-                                      "loldu_enabled", "backend", "base_requires_grad"}
+                                      "loldu_enabled", "backend", "base_requires_grad", "adapter_names",
+                                      "adapter_table", "batch_rows"}
         base.__dict__.update({k: _own_copy(v) for k, v in self.__dict__.items() if k not in own})
         for store in ("_parameters", "_buffers"):
             for key in own & set(getattr(base, store)):
@@ -237,13 +243,48 @@ class LoLDULinear(LoLDULayer, nn.Linear):
             self._refactorize(self.weight)
             self.reset_loldu()
 
+    # Named adapters (frozen, for serving several in one batch): their e vectors, one row each. Row 0 of the
+    # table a batch uses is "no adapter" (zeros) and row 1 the trainable default adapter.
+    adapter_names: tuple = ()
+    batch_rows: Optional[torch.Tensor] = None  # set by adapter_batch: a table row per batch element
+
+    def set_named_adapter(self, name: str, e: torch.Tensor) -> None:
+        """Store (or replace) the e vector of a named adapter of this layer."""
+        e = e.detach().to(self.d.device, torch.float32).reshape(1, self.rank)
+        names = list(self.adapter_names)
+        table = getattr(self, "adapter_table", None)
+        table = table if table is not None else e.new_empty(0, self.rank)
+        if name in names:
+            table = table.clone()
+            table[names.index(name)] = e[0]
+        else:
+            names.append(name)
+            table = torch.cat([table, e])
+        self.adapter_names = tuple(names)
+        self.register_buffer("adapter_table", table, persistent=False)
+
+    def batch_table_row(self, name: Optional[str]) -> int:
+        """The row of the per-batch table for an adapter name: None or an adapter this layer lacks -> 0."""
+        if name == "default":
+            return 1
+        return 2 + self.adapter_names.index(name) if name in self.adapter_names else 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.loldu_enabled:
             self._check_width(x, -1, self.in_features, "last dim")
             return F.linear(x, self.weight, self.bias)
-        return loldu_linear(
-            x, self.weight, self.bias, self.L, self.U, self.loldu_scale(), self.backend, name=self.loldu_name
-        )
+        e = self.loldu_scale()
+        rows = None
+        if self.batch_rows is not None:
+            if x.dim() < 2 or x.shape[0] != self.batch_rows.shape[0]:
+                raise ValueError(f"{self.loldu_name}: adapter_batch has {self.batch_rows.shape[0]} names but the "
+                                 f"input of shape {tuple(x.shape)} has {x.shape[0] if x.dim() else 0} rows")
+            named = getattr(self, "adapter_table", None)
+            named = named if named is not None else e.new_empty(0, self.rank)
+            e = torch.cat([torch.zeros_like(e)[None], e[None], named])
+            rows = self.batch_rows.repeat_interleave(x[0].numel() // self.in_features)
+        return loldu_linear(x, self.weight, self.bias, self.L, self.U, e, self.backend, rows=rows,
+                            name=self.loldu_name)
 
     def extra_repr(self) -> str:
         return nn.Linear.extra_repr(self) + self._loldu_repr()

@@ -178,15 +178,17 @@ def _shrink_kernel(
 @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"])
 @triton.jit
 def _gemm_kernel(
-    a_ptr, b_ptr, a2_ptr, b2_ptr, e_ptr, bias_ptr, c_ptr,
-    M, N, K, R, M_BUCKET,
+    a_ptr, b_ptr, a2_ptr, b2_ptr, e_ptr, rows_ptr, bias_ptr, c_ptr,
+    M, N, K, R, M_BUCKET, stride_e,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_a2m, stride_a2r, stride_b2r, stride_b2n,
     stride_cm, stride_cn,
-    LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    LOWRANK: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """C = A @ B [+ (A2 * e) @ B2] [+ bias]. The rank-R term is R more K-steps on the same fp32 accumulator."""
+    """C = A @ B [+ (A2 * e) @ B2] [+ bias]. The rank-R term is R more K-steps on the same fp32 accumulator.
+    With PER_ROW, row m scales by its own row of the (adapters x R) table e: e[rows[m], :]."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -217,11 +219,17 @@ def _gemm_kernel(
     if LOWRANK:
         a2_ptrs = a2_ptr + ram[:, None] * stride_a2m + rk[None, :] * stride_a2r
         b2_ptrs = b2_ptr + rk[:, None] * stride_b2r + rbn[None, :] * stride_b2n
+        if PER_ROW:
+            e_rows = e_ptr + tl.load(rows_ptr + ram)[:, None] * stride_e
         for r0 in range(0, R, BLOCK_K):
             r_ok = rk < R - r0
             a2 = tl.load(a2_ptrs, mask=r_ok[None, :], other=0.0)
-            ev = tl.load(e_ptr + r0 + rk, mask=r_ok, other=0.0)
-            a2 = (a2.to(tl.float32) * ev[None, :]).to(a_ptr.dtype.element_ty)
+            if PER_ROW:
+                ev = tl.load(e_rows + (r0 + rk)[None, :], mask=r_ok[None, :], other=0.0)
+                a2 = (a2.to(tl.float32) * ev).to(a_ptr.dtype.element_ty)
+            else:
+                ev = tl.load(e_ptr + r0 + rk, mask=r_ok, other=0.0)
+                a2 = (a2.to(tl.float32) * ev[None, :]).to(a_ptr.dtype.element_ty)
             b2 = tl.load(b2_ptrs, mask=r_ok[:, None], other=0.0)
             acc = _dot(a2, b2, acc, PREC, UPCAST)
             a2_ptrs += BLOCK_K * stride_a2r
@@ -304,10 +312,11 @@ def _shrink(a, b, stride_bk, stride_br, p, t=None):
     return part.sum(0) if reduce else None
 
 
-def _gemm(a, b, stride_bk, stride_bn, c, lowrank=None, bias=None):
+def _gemm(a, b, stride_bk, stride_bn, c, lowrank=None, bias=None, rows=None):
     """c = a @ B [+ (a2 * e) @ B2] [+ bias], B[k, n] at b + k*stride_bk + n*stride_bn.
 
-    lowrank = (a2, e, b2, stride_b2r, stride_b2n) with a2 (M, R)."""
+    lowrank = (a2, e, b2, stride_b2r, stride_b2n) with a2 (M, R); with rows (M,) int64, e is an (A, R) table
+    and row m uses e[rows[m]]."""
     M, K = a.shape
     N = c.shape[1]
     if lowrank is None:
@@ -317,12 +326,12 @@ def _gemm(a, b, stride_bk, stride_bn, c, lowrank=None, bias=None):
         a2, e, b2, stride_b2r, stride_b2n = lowrank
         R = a2.shape[1]
     wrap_triton(_gemm_kernel)[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
-        a, b, a2, b2, e, bias if bias is not None else a, c,
-        M, N, K, R, _m_bucket(M),
+        a, b, a2, b2, e, rows if rows is not None else a, bias if bias is not None else a, c,
+        M, N, K, R, _m_bucket(M), e.stride(0) if rows is not None else 0,
         a.stride(0), a.stride(1), stride_bk, stride_bn,
         a2.stride(0), a2.stride(1), stride_b2r, stride_b2n,
         c.stride(0), c.stride(1),
-        LOWRANK=lowrank is not None, HAS_BIAS=bias is not None,
+        LOWRANK=lowrank is not None, PER_ROW=rows is not None, HAS_BIAS=bias is not None,
         PREC=_precision(a.dtype), UPCAST=_upcast(a.dtype),
     )
 
@@ -541,3 +550,47 @@ def merge(weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor, e: torch.Tenso
     _check_device(weight, out)
     with set_wrap_triton_enabled(False):
         return _merge_into(weight, L, U, e, out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Many adapters in one batch (eager entry points): every row m uses its own row e[rows[m]] of an (A, r) table.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_rows(x, e, rows):
+    _check_device(x, e, rows)
+    if e.dim() != 2 or e.dtype != torch.float32:
+        raise ValueError(f"the adapter table must be float32 (adapters, r), got {e.dtype} {tuple(e.shape)}")
+    if rows.shape != (x.shape[0],) or rows.dtype != torch.int64:
+        raise ValueError(f"rows must be int64 of shape ({x.shape[0]},), got {rows.dtype} {tuple(rows.shape)}")
+
+
+def forward_rows(x, weight, bias, L, U, e, rows):
+    """forward() with a per-row adapter: y = x W^T + b + ((x U^T) * e[rows]) L^T. Returns (y, t)."""
+    K, N, r = _check_operands(x, weight, bias, L, U, e[0])
+    _check_rows(x, e, rows)
+    y = torch.empty((x.shape[0], N), device=x.device, dtype=x.dtype)
+    t = torch.empty((x.shape[0], r), device=x.device, dtype=x.dtype)
+    if x.shape[0]:
+        with set_wrap_triton_enabled(False):
+            _shrink(x, U, U.stride(1), U.stride(0), t)
+            _gemm(x, weight, weight.stride(1), weight.stride(0), y, (t, e.contiguous(), L, L.stride(1), L.stride(0)),
+                  _vec(bias), rows=rows.contiguous())
+    return y, t
+
+
+def backward_rows(dy, t, weight, L, U, e, rows):
+    """backward() with a per-row adapter: dx = dY W + ((dY L) * e[rows]) U, and the (A, r) float32 gradient of
+    the table (row a sums t * v over the rows that use adapter a)."""
+    K, N, r = _check_operands(dy, weight, None, L, U, e[0])
+    _check_rows(dy, e, rows)
+    dx = torch.empty((dy.shape[0], K), device=dy.device, dtype=dy.dtype)
+    v = torch.empty((dy.shape[0], r), device=dy.device, dtype=dy.dtype)
+    grad_e = torch.zeros_like(e)
+    if dy.shape[0]:
+        with set_wrap_triton_enabled(False):
+            _shrink(dy, L, L.stride(0), L.stride(1), v)
+            _gemm(dy, weight, weight.stride(0), weight.stride(1), dx, (v, e.contiguous(), U, U.stride(0),
+                  U.stride(1)), rows=rows.contiguous())
+        grad_e.index_add_(0, rows, t.float() * v.float())
+    return dx, grad_e
