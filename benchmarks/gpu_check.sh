@@ -20,5 +20,8 @@ timeout 300 python -m loldu_triton.cli bench --device cuda --dtype bfloat16 \
   --shapes 1x4096x4096,512x4096x4096,8192x4096x4096,1x4096x11008,512x4096x11008,8192x4096x11008 \
   --ranks 16,64,256,1024,full --methods linear,loldu,loldu_torch --out "$out" 2>&1 | tail -40
 bench_rc=${PIPESTATUS[0]}
+
+timeout 60 python -m loldu_triton.cli bench --device cuda --dtype bfloat16 --ranks 16 \
+  --adapter-counts 1,10,100,1000 --out "$out" 2>&1 | tail -8
 echo "gpu tests exit $tests_rc, bench exit $bench_rc; table in $out/bench.md"
 exit $(( tests_rc || bench_rc ))

@@ -202,6 +202,43 @@ def bench_case(M, K, N, rank, dtype, device, wanted, repeats) -> List[Result]:
     return results
 
 
+def bench_adapter_batch(batch: int, tokens: int, K: int, N: int, rank: int, counts, dtype, device, repeats: int):
+    """Forward time of one batch whose rows use `count` different adapters, against the same batch with one
+    adapter, measured in interleaved rounds (median of per-round ratios). Returns markdown rows."""
+    from .api import adapter_batch
+
+    torch.manual_seed(0)
+    layer = LoLDULinear.from_base(nn.Linear(K, N, device=device, dtype=dtype), rank)
+    for i in range(max(counts)):
+        layer.set_named_adapter(f"a{i}", torch.randn(rank, device=device))
+    x = torch.randn(batch, tokens, K, device=device, dtype=dtype)
+    timer = _timer(device)
+    lines = ["| adapters in the batch | batch x tokens | K x N | r | forward ms | ratio to one adapter |",
+             "|---:|---|---|---:|---:|---:|"]
+    one = ["a0"] * batch
+    for count in counts:
+        names = [f"a{i % count}" for i in range(batch)]
+        ratios, times = [], []
+        with torch.no_grad():
+            for _ in range(repeats):
+                with adapter_batch(layer_holder(layer), one):
+                    base = timer(lambda: layer(x))
+                with adapter_batch(layer_holder(layer), names):
+                    t = timer(lambda: layer(x))
+                ratios.append(t / base)
+                times.append(t)
+        lines.append(f"| {count} | {batch} x {tokens} | {K} x {N} | {rank} | {statistics.median(times):.3f} | "
+                     f"{statistics.median(ratios):.3f} |")
+    return lines
+
+
+def layer_holder(layer: nn.Module) -> nn.Module:
+    """adapter_batch works on models: wrap a single layer in one."""
+    holder = nn.Module()
+    holder.layer = layer
+    return holder
+
+
 def markdown(results: List[Result]) -> str:
     lines = ["| device | dtype | M | K | N | r | method | fwd ms | bwd ms | fwd+bwd ms | fwd x | bwd x | fwd+bwd x "
              "| saved MB | peak MB |", "|" + "---|" * 15]
@@ -244,6 +281,19 @@ def _parse_shapes(text):
 def run_bench(args) -> List[Result]:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if getattr(args, "adapter_counts", None):
+        counts = [int(c) for c in args.adapter_counts.split(",")]
+        batch = max(counts)
+        K, N = (4096, 4096) if device.type == "cuda" else (1024, 1024)
+        rank = int((args.ranks or "16").split(",")[0])
+        lines = bench_adapter_batch(batch, 8, K, N, rank, counts, dtype, device, args.repeats or 9)
+        table = "\n".join(lines)
+        print(f"{device.type}, {str(dtype).replace('torch.', '')}, forward (no grad), 8 tokens per batch row")
+        print(table)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "adapter_batch.md").write_text(table + "\n")
+        return []
     shapes = _parse_shapes(args.shapes) if args.shapes else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     ranks = (args.ranks or ("16,64,256,1024,full" if device.type == "cuda" else "16")).split(",")
     wanted = args.methods.split(",") if args.methods else list(METHODS)

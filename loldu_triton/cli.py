@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", default=None,
                        help="comma-separated subset of: linear, loldu (Triton on GPU), loldu_torch (the PyTorch "
                             "path, GPU only), loldu_unfused, seed_param, peft_lora, peft_vera (default: all)")
+    bench.add_argument("--adapter-counts", default=None,
+                       help="instead of the layer table: time one batch (as many rows as the largest count, "
+                            "8 tokens each) whose rows use 1, 10, ... different adapters, against one adapter; "
+                            "e.g. 1,10,100,1000")
     bench.add_argument("--out", default="./loldu-bench", help="output directory for CSV, markdown and PNG")
     bench.set_defaults(func=_bench)
     return parser

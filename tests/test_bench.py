@@ -38,3 +38,12 @@ def test_bench_writes_csv_markdown_and_plot_with_ratios_to_the_floor(tmp_path):
     assert {r["rank"] for r in rows} == {"4", "24"}
     assert "| loldu |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_adapter_batch_bench_reports_every_count(tmp_path):
+    args = SimpleNamespace(device="cpu", dtype="float32", shapes=None, ranks="4", methods=None, repeats=2,
+                           out=str(tmp_path), adapter_counts="1,3,12")
+    run_bench(args)
+    lines = (tmp_path / "adapter_batch.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["1", "3", "12"]
+    assert all(float(line.split("|")[6]) > 0 for line in lines[2:])
