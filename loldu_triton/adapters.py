@@ -83,7 +83,7 @@ def save_loldu(model: nn.Module, directory) -> Path:
     tensors = {}
     for name, layer in layers:
         tensors[f"{name}.d"] = layer.d.detach().to("cpu", torch.float32).contiguous()
-        tensors[f"{name}.s"] = layer.s.detach().to("cpu", torch.float32).reshape(())
+        tensors[f"{name}.s"] = layer.s.detach().to("cpu", torch.float32).reshape(1)
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1)))
     return directory
@@ -116,7 +116,7 @@ def _read_tensors(path: Path, layers: dict) -> Dict[str, torch.Tensor]:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise ValueError(f"load_loldu: {path} does not match its config (missing {missing}, unexpected {extra})")
     for name, spec in layers.items():
-        for key, shape in ((f"{name}.d", (spec["rank"],)), (f"{name}.s", ())):
+        for key, shape in ((f"{name}.d", (spec["rank"],)), (f"{name}.s", (1,))):
             t = tensors[key]
             if t.dtype != torch.float32 or tuple(t.shape) != shape:
                 raise ValueError(f"load_loldu: {path}: {key} is {t.dtype} {tuple(t.shape)}, expected float32 {shape}")

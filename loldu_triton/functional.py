@@ -73,8 +73,7 @@ def _torch_merge(weight, L, U, e):
 
 class LoLDULinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, L, U, e, rows, backend):
-        x2 = x.reshape(-1, x.shape[-1])
+    def forward(ctx, x2, weight, bias, L, U, e, rows, backend):
         if backend == "triton":
             kernels = _kernels()
             y2, t = (kernels.forward(x2, weight, bias, L, U, e) if rows is None
@@ -85,8 +84,7 @@ class LoLDULinearFunction(torch.autograd.Function):
         needs_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[4]
         ctx.save_for_backward(t, weight, L, U, e, rows, x2 if needs_x else None)
         ctx.backend = backend
-        ctx.x_shape = x.shape
-        return y2.reshape(*x.shape[:-1], y2.shape[-1])
+        return y2
 
     @staticmethod
     def backward(ctx, dy):
@@ -100,7 +98,7 @@ class LoLDULinearFunction(torch.autograd.Function):
         else:
             dx2, grad_e = _torch_backward(dy2, t, weight, L, U, e, rows, need_x, need_e)
         e_rows = e if rows is None else e[rows]
-        dx = dx2.reshape(ctx.x_shape) if need_x else None
+        dx = dx2 if need_x else None
         grad_w = (dy2.T @ x2).to(weight.dtype) if need_w else None
         grad_b = dy2.sum(0) if need_b else None
         grad_l = (dy2.T @ (t * e_rows).to(dy2.dtype)).to(L.dtype) if need_l else None
@@ -158,8 +156,12 @@ def loldu_linear(
         bias = None if bias is None else bias.to(dtype)
         autocast_off = torch.autocast(device_type, enabled=False)
     check_operands(x, weight, bias, L, U, e, name)
+    # Reshapes stay outside the Function: an output that is a view made inside it could not be modified in
+    # place (ReLU(inplace=True), y += residual).
     with autocast_off:
-        return LoLDULinearFunction.apply(x, weight, bias, L, U, e, rows, resolve_backend(backend, x))
+        y2 = LoLDULinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, L, U, e, rows,
+                                       resolve_backend(backend, x))
+    return y2.reshape(*x.shape[:-1], y2.shape[-1])
 
 
 def loldu_merge(weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor, e: torch.Tensor, backend: str = "auto"):

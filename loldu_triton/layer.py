@@ -32,7 +32,8 @@ class LoLDUMixin:
         self.loldu_name = name
         self.loldu_enabled = True
         self.d = nn.Parameter(torch.empty(self.rank, dtype=torch.float32, device=weight2d.device))
-        self.s = nn.Parameter(torch.empty((), dtype=torch.float32, device=weight2d.device))
+        # shape (1,), not a scalar: FSDP2's fully_shard refuses 0-dim parameters
+        self.s = nn.Parameter(torch.empty(1, dtype=torch.float32, device=weight2d.device))
         if source is None:
             self._refactorize(weight2d)
             self.reset_loldu()
@@ -54,7 +55,7 @@ class LoLDUMixin:
         self.register_buffer("pivots", factors.pivots.to(dev), persistent=False)
         self.register_buffer("pivot_values", factors.D.to(dev, torch.float32), persistent=False)
         self.register_buffer("d0", d0.to(dev), persistent=False)
-        self.register_buffer("s0", torch.tensor(self.alpha / self.rank, device=dev), persistent=False)
+        self.register_buffer("s0", torch.full((1,), self.alpha / self.rank, device=dev), persistent=False)
 
     @torch.no_grad()
     def reset_loldu(self) -> None:
