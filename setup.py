@@ -21,7 +21,8 @@ setup(
         "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60"],
+        "test": ["pytest>=7", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60",
+                 "transformers>=4.57,<6"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4.60"],
         "demo": ["matplotlib>=3.7", "tqdm>=4.60", "scikit-learn>=1.3"],
     },

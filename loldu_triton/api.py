@@ -94,8 +94,10 @@ def _select_targets(model, target_modules, by_type=lambda m: isinstance(m, nn.Li
         skipped = [n for n in typed if n not in chosen]
         if skipped:
             warnings.warn(f"add_loldu: left out {skipped}: " + "; ".join(reason(n) for n in skipped), stacklevel=3)
-        if target_modules == "all-linear":
-            chosen = [n for n in chosen if n.rpartition(".")[2] != "lm_head"]
+        if target_modules == "all-linear":  # as PEFT: not the output layer (Hugging Face's, else "lm_head")
+            get_head = getattr(model, "get_output_embeddings", None)
+            head = get_head() if callable(get_head) else None
+            chosen = [n for n in chosen if modules[n] is not head and n.rpartition(".")[2] != "lm_head"]
     else:
         layers = [n for n, m in modules.items() if n and base_type(m) is not None]
         if isinstance(target_modules, str):
@@ -146,8 +148,8 @@ def add_loldu(
 
     Either the reference code's ``loldu_config`` ({nn.Linear: {"weight": partial(LoLDUParametrization
     .from_linear, rank=r)}}, likewise nn.Conv2d with from_conv2d and nn.Embedding with from_embedding) or
-    ``rank=`` with ``target_modules``: None (every nn.Linear), "all-linear" (all but an output head named
-    ``lm_head``), a list of names (suffix match) or a regex (full match); names and regexes may also pick
+    ``rank=`` with ``target_modules``: None (every nn.Linear), "all-linear" (all but the output layer: a
+    Hugging Face model's get_output_embeddings(), or a layer named ``lm_head``), a list of names (suffix match) or a regex (full match); names and regexes may also pick
     nn.Conv2d and nn.Embedding layers.
     A rank larger than a layer can hold is clamped to its full rank with a warning; ``rank="full"`` asks for
     every layer's full rank, min(in, out) (the paper's ViT setting), without one. Layers that already have

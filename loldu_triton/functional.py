@@ -157,11 +157,12 @@ def loldu_linear(
         autocast_off = torch.autocast(device_type, enabled=False)
     check_operands(x, weight, bias, L, U, e, name)
     # Reshapes stay outside the Function: an output that is a view made inside it could not be modified in
-    # place (ReLU(inplace=True), y += residual).
+    # place (ReLU(inplace=True), y += residual). A 2-D input gets its output itself, not a view, as from
+    # nn.Linear: FSDP2 misses an in-place op on a view and frees the weight before backward.
     with autocast_off:
         y2 = LoLDULinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, L, U, e, rows,
                                        resolve_backend(backend, x))
-    return y2.reshape(*x.shape[:-1], y2.shape[-1])
+    return y2 if x.dim() == 2 else y2.reshape(*x.shape[:-1], y2.shape[-1])
 
 
 def loldu_merge(weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor, e: torch.Tensor, backend: str = "auto"):
