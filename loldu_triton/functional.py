@@ -90,12 +90,12 @@ class LoLDULinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         t, weight, L, U, e, rows, x2 = ctx.saved_tensors
         need_x, need_w, need_b, need_l, need_u, need_e = ctx.needs_input_grad[:6]
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if ctx.backend == "triton" and (need_x or need_e):
+        dy2 = dy  # the Function's output is 2-D
+        if ctx.backend == "triton" and need_x:
             kernels = _kernels()
             dx2, grad_e = (kernels.backward(dy2, t, weight, L, U, e) if rows is None
                            else kernels.backward_rows(dy2, t, weight, L, U, e, rows))
-        else:
+        else:  # no dX wanted (a first layer): grad_e alone is two small GEMMs, not worth a kernel's dX GEMM
             dx2, grad_e = _torch_backward(dy2, t, weight, L, U, e, rows, need_x, need_e)
         e_rows = e if rows is None else e[rows]
         dx = dx2 if need_x else None
