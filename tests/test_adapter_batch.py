@@ -2,7 +2,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 from conftest import rel_err
 from loldu_triton import adapter_batch, add_loldu, get_loldu_params, load_loldu, save_loldu

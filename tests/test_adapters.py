@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from loldu_triton import LoLDULinear, add_loldu, get_loldu_params, load_loldu, save_loldu
+from loldu_triton import add_loldu, load_loldu, save_loldu
 from test_api import TinyLM, train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import loldu_triton
 from loldu_triton import (
     LoLDULinear,
     LoLDUParametrization,
@@ -66,7 +65,7 @@ def seed_config(rank):
 
 def test_seed_readme_examples_run_as_written():
     # Quick Start + Usage Examples of the seed README, with minloldu replaced by loldu_triton
-    from loldu_triton import LoLDUParametrization, add_loldu, get_loldu_params, get_loldu_state_dict, merge_loldu
+    from loldu_triton import LoLDUParametrization, add_loldu, get_loldu_params, merge_loldu
 
     model = MyModel()
     x = torch.randn(8, 15)
@@ -268,3 +267,20 @@ def test_full_rank_takes_each_layers_min_dimension_without_warning():
     assert model.lm_head.rank == 6 and model.layers[0].mlp[0].rank == 16 and model.layers[0].mlp[2].rank == 16
     with pytest.raises(ValueError, match="rank must be a positive int or 'full', got 0"):
         add_loldu(TinyLM(), rank=0)
+
+
+def tiny_lm_with_hook():
+    model = TinyLM()
+    layer = model.layers[0].q_proj
+    layer.forward = lambda x, _orig=layer.forward: _orig(x)  # what accelerate's add_hook_to_module does
+    return model
+
+
+def test_layer_with_an_instance_level_forward_hook_is_not_silently_bypassed():
+    model = tiny_lm_with_hook()
+    hooked = model.layers[0].q_proj
+    with pytest.warns(UserWarning, match=r"left out \['layers.0.q_proj'\]: its forward is replaced on the instance"):
+        add_loldu(model, rank=2)
+    assert model.layers[0].q_proj is hooked and isinstance(model.layers[1].q_proj, LoLDULinear)
+    with pytest.raises(ValueError, match=r"cannot adapt 'layers.0.q_proj': its forward is replaced"):
+        add_loldu(tiny_lm_with_hook(), rank=2, target_modules=["layers.0.q_proj"])
