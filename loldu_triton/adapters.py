@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 
 from ._version import __version__
 from .api import _replace, _why_not_adaptable, base_type, loldu_layers
-from .factorize import weight_checksum
 from .layer import LOLDU_LAYERS, LoLDULayer
 
 CONFIG_NAME = "adapter_config.json"
@@ -28,12 +27,17 @@ FORMAT_VERSION = 1
 PIVOT_VALUE_RTOL = 1e-2
 
 
+def _base_dtype(layer: LoLDULayer) -> str:
+    dtype = str(layer.dense_weight().dtype).replace("torch.", "")
+    return dtype if layer.base_quantization is None else f"{layer.base_quantization} ({dtype} compute)"
+
+
 def _fingerprint(layer: LoLDULayer) -> dict:
     return {
         "pivots": layer.pivots.tolist(),
         "pivot_values": layer.pivot_values.tolist(),
-        "sha256": weight_checksum(layer.weight),
-        "dtype": str(layer.weight.dtype).replace("torch.", ""),
+        "sha256": layer.base_weight_checksum(),
+        "dtype": _base_dtype(layer),
     }
 
 
@@ -129,7 +133,7 @@ def _check_base(name: str, layer: LoLDULayer, saved: dict, path: Path) -> None:
     if layer.pivots.tolist() != saved["pivots"]:
         raise ValueError(f"load_loldu: layer {name!r} has a different base weight than the adapter in {path} "
                          f"was trained on (its LU pivots differ)")
-    if weight_checksum(layer.weight) == saved["sha256"]:
+    if layer.base_weight_checksum() == saved["sha256"]:
         return
     ref = torch.tensor(saved["pivot_values"], dtype=torch.float64)
     gap = float((layer.pivot_values.double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
@@ -137,7 +141,7 @@ def _check_base(name: str, layer: LoLDULayer, saved: dict, path: Path) -> None:
         raise ValueError(f"load_loldu: layer {name!r} has a different base weight than the adapter in {path} "
                          f"was trained on (pivot values differ by {gap:.2e} relative)")
     warnings.warn(f"load_loldu: layer {name!r}: base weight is not byte-identical to the one the adapter was "
-                  f"trained on ({saved['dtype']} there, {layer.weight.dtype} here; pivot values agree to "
+                  f"trained on ({saved['dtype']} there, {_base_dtype(layer)} here; pivot values agree to "
                   f"{gap:.1e}); loading", stacklevel=3)
 
 

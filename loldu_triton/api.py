@@ -146,6 +146,7 @@ def add_loldu(
     init_seed: int = 0,
     target_modules: Union[None, str, Sequence[str]] = None,
     backend: str = "auto",
+    base_quantization: Optional[str] = None,
 ) -> nn.Module:
     """Replace the targeted layers of ``model`` with LoLDU layers, in place (and return the model).
 
@@ -157,6 +158,10 @@ def add_loldu(
     A rank larger than a layer can hold is clamped to its full rank with a warning; ``rank="full"`` asks for
     every layer's full rank, min(in, out) (the paper's ViT setting), without one. Layers that already have
     LoLDU are left as they are. Nothing is changed if any layer fails.
+
+    base_quantization="int8" (or "fp8", e4m3) stores each adapted nn.Linear's frozen weight as weight-only
+    quantized values with a scale per output row (see LoLDULinear.quantize_base); the factors come from the
+    unquantized weight.
     """
     if (loldu_config is None) == (rank is None):
         raise ValueError("add_loldu: pass either loldu_config or rank=, not both and not neither")
@@ -198,6 +203,11 @@ def add_loldu(
                               f"instead of {rank}", stacklevel=2)
             rank_here = full if rank == "full" else min(rank, full)
             layer = cls.from_base(module, rank_here, alpha, init, init_seed, backend, name, freeze=False)
+        if base_quantization is not None:
+            if not isinstance(layer, LoLDULinear):
+                raise ValueError(f"add_loldu: base_quantization covers nn.Linear layers; {name!r} is a "
+                                 f"{layer.base_class.__name__}")
+            layer.quantize_base(base_quantization)
         built[name] = layer
     for name, layer in built.items():
         layer.freeze_base()

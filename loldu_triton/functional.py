@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .planner import plan
+from .quant import QUANTIZED_DTYPES, dequantize
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -66,6 +67,11 @@ def _torch_backward(dy2, t, weight, L, U, e, rows, need_dx: bool, need_grad_e: b
     return dx2, grad_e
 
 
+def _dense(weight, scale, dtype):
+    """The weight the PyTorch path multiplies by: itself, or a quantized one dequantized to ``dtype``."""
+    return weight if scale is None else dequantize(weight, scale, dtype)
+
+
 def _torch_merge(weight, L, U, e):
     acc = torch.promote_types(weight.dtype, torch.float32)  # fp32 accumulation, float64 kept
     return torch.addmm(weight.to(acc), L.to(acc) * e.to(acc), U.to(acc)).to(weight.dtype)
@@ -73,30 +79,31 @@ def _torch_merge(weight, L, U, e):
 
 class LoLDULinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, weight, bias, L, U, e, rows, backend):
+    def forward(ctx, x2, weight, bias, L, U, e, rows, scale, backend):
         if backend == "triton":
             kernels = _kernels()
-            y2, t = (kernels.forward(x2, weight, bias, L, U, e) if rows is None
-                     else kernels.forward_rows(x2, weight, bias, L, U, e, rows))
+            y2, t = (kernels.forward(x2, weight, bias, L, U, e, weight_scale=scale) if rows is None
+                     else kernels.forward_rows(x2, weight, bias, L, U, e, rows, scale))
         else:
-            y2, t = _torch_forward(x2, weight, bias, L, U, e, rows)
+            y2, t = _torch_forward(x2, _dense(weight, scale, x2.dtype), bias, L, U, e, rows)
         # x itself is kept only when a gradient of the frozen weight or U is asked for.
         needs_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[4]
-        ctx.save_for_backward(t, weight, L, U, e, rows, x2 if needs_x else None)
+        ctx.save_for_backward(t, weight, L, U, e, rows, scale, x2 if needs_x else None)
         ctx.backend = backend
         return y2
 
     @staticmethod
     def backward(ctx, dy):
-        t, weight, L, U, e, rows, x2 = ctx.saved_tensors
+        t, weight, L, U, e, rows, scale, x2 = ctx.saved_tensors
         need_x, need_w, need_b, need_l, need_u, need_e = ctx.needs_input_grad[:6]
         dy2 = dy  # the Function's output is 2-D
         if ctx.backend == "triton" and need_x:
             kernels = _kernels()
-            dx2, grad_e = (kernels.backward(dy2, t, weight, L, U, e) if rows is None
-                           else kernels.backward_rows(dy2, t, weight, L, U, e, rows))
+            dx2, grad_e = (kernels.backward(dy2, t, weight, L, U, e, weight_scale=scale) if rows is None
+                           else kernels.backward_rows(dy2, t, weight, L, U, e, rows, scale))
         else:  # no dX wanted (a first layer): grad_e alone is two small GEMMs, not worth a kernel's dX GEMM
-            dx2, grad_e = _torch_backward(dy2, t, weight, L, U, e, rows, need_x, need_e)
+            dense = _dense(weight, scale, dy2.dtype) if need_x else weight
+            dx2, grad_e = _torch_backward(dy2, t, dense, L, U, e, rows, need_x, need_e)
         e_rows = e if rows is None else e[rows]
         dx = dx2 if need_x else None
         grad_w = (dy2.T @ x2).to(weight.dtype) if need_w else None
@@ -106,10 +113,10 @@ class LoLDULinearFunction(torch.autograd.Function):
         if need_u:
             v = dy2 @ L
             grad_u = ((v * e_rows).to(dy2.dtype).T @ x2).to(U.dtype)
-        return dx, grad_w, grad_b, grad_l, grad_u, grad_e if need_e else None, None, None
+        return dx, grad_w, grad_b, grad_l, grad_u, grad_e if need_e else None, None, None, None
 
 
-def check_operands(x, weight, bias, L, U, e, name: str = "loldu_linear") -> None:
+def check_operands(x, weight, bias, L, U, e, name: str = "loldu_linear", weight_scale=None) -> None:
     out_f, in_f = weight.shape
     rank = e.shape[-1] if e.dim() in (1, 2) else -1
     if x.shape[-1] != in_f:
@@ -121,7 +128,13 @@ def check_operands(x, weight, bias, L, U, e, name: str = "loldu_linear") -> None
         )
     if bias is not None and bias.shape != (out_f,):
         raise ValueError(f"{name}: bias of shape {tuple(bias.shape)} does not fit weight {tuple(weight.shape)}")
-    if x.dtype != weight.dtype:
+    if weight_scale is not None:
+        if weight.dtype not in QUANTIZED_DTYPES or weight_scale.shape != (out_f,):
+            raise ValueError(f"{name}: a quantized weight is int8 or float8_e4m3fn with one scale per output "
+                             f"row; got {weight.dtype} and scale of shape {tuple(weight_scale.shape)}")
+        if x.dtype != L.dtype:
+            raise ValueError(f"{name}: input dtype {x.dtype} differs from the layer's compute dtype {L.dtype}")
+    elif x.dtype != weight.dtype:
         raise ValueError(f"{name}: input dtype {x.dtype} differs from weight dtype {weight.dtype}")
 
 
@@ -135,6 +148,7 @@ def loldu_linear(
     backend: str = "auto",
     *,
     rows: Optional[torch.Tensor] = None,
+    weight_scale: Optional[torch.Tensor] = None,
     name: str = "loldu_linear",
 ) -> torch.Tensor:
     """``x (W + L diag(e) U)^T + b`` without building the out x in delta.
@@ -143,6 +157,8 @@ def loldu_linear(
     backend: "auto" (Triton kernels for CUDA tensors, else PyTorch), "torch", or "triton" (never falls back).
     rows: many adapters in one batch. Then e is an (adapters, r) float32 table and rows an int64 tensor with
         one entry per row of x flattened to (M, in): row m uses e[rows[m]]. Always the side path.
+    weight_scale: weight is quantized (int8 or float8_e4m3fn values of W / weight_scale[:, None], see
+        loldu_triton.quant); the compute dtype is then L's.
     name: how errors refer to the caller (a layer's name).
     Under torch.autocast the operands are cast to the autocast dtype, as F.linear's are; e stays float32.
     """
@@ -152,21 +168,23 @@ def loldu_linear(
     autocast_off = contextlib.nullcontext()
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        x, weight, L, U = (t.to(dtype) for t in (x, weight, L, U))
+        x, L, U = (t.to(dtype) for t in (x, L, U))
+        weight = weight if weight_scale is not None else weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         autocast_off = torch.autocast(device_type, enabled=False)
-    check_operands(x, weight, bias, L, U, e, name)
+    check_operands(x, weight, bias, L, U, e, name, weight_scale)
     # Reshapes stay outside the Function: an output that is a view made inside it could not be modified in
     # place (ReLU(inplace=True), y += residual). A 2-D input gets its output itself, not a view, as from
     # nn.Linear: FSDP2 misses an in-place op on a view and frees the weight before backward.
     with autocast_off:
-        y2 = LoLDULinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, L, U, e, rows,
+        y2 = LoLDULinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, L, U, e, rows, weight_scale,
                                        resolve_backend(backend, x))
     return y2 if x.dim() == 2 else y2.reshape(*x.shape[:-1], y2.shape[-1])
 
 
-def loldu_merge(weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor, e: torch.Tensor, backend: str = "auto"):
-    """``W + L diag(e) U`` in weight's dtype, accumulated in float32."""
+def loldu_merge(weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor, e: torch.Tensor, backend: str = "auto",
+                weight_scale: Optional[torch.Tensor] = None):
+    """``W + L diag(e) U`` in weight's dtype (L's for a quantized weight), accumulated in float32."""
     if resolve_backend(backend, weight) == "triton":
-        return _kernels().merge(weight, L, U, e)
-    return _torch_merge(weight, L, U, e)
+        return _kernels().merge(weight, L, U, e, weight_scale=weight_scale)
+    return _torch_merge(_dense(weight, weight_scale, L.dtype), L, U, e)

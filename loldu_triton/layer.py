@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .factorize import initial_diagonal, ldu_factors, warn_if_rank_deficient
+from .factorize import initial_diagonal, ldu_factors, warn_if_rank_deficient, weight_checksum
 from .functional import loldu_linear, loldu_merge
+from .quant import dequantize, quantize_weight
 
 # Adapter tensors kept in float32 whatever the layer's dtype: the trained ones and their initial values.
 _FLOAT32_STATE = ("d", "s", "d0", "s0")
@@ -72,13 +73,16 @@ class LoLDUMixin:
         return s * d - self.s0 * self.d0
 
     def _apply(self, fn, recurse=True):
-        # .half()/.to(dtype) must not round the adapter state; only its device follows.
-        keep = {name: getattr(self, name).detach() for name in _FLOAT32_STATE + ("adapter_table",)
-                if getattr(self, name, None) is not None}
+        # .half()/.to(dtype) must not round the adapter state, nor touch a quantized base; only the device
+        # of those follows.
+        kept = _FLOAT32_STATE + ("adapter_table", "weight_scale")
+        if getattr(self, "base_quantization", None):
+            kept += ("weight",)
+        keep = {name: getattr(self, name).detach() for name in kept if getattr(self, name, None) is not None}
         super()._apply(fn, recurse)
         for name, before in keep.items():
             current = getattr(self, name)
-            if current.dtype != torch.float32:
+            if current.dtype != before.dtype:
                 restored = before.to(current.device)
                 if isinstance(current, nn.Parameter):
                     current.data = restored
@@ -161,35 +165,64 @@ class LoLDULayer(LoLDUMixin):
         if self.bias is not None:
             self.bias.requires_grad_(False)
 
+    base_quantization: Optional[str] = None  # "int8" / "fp8" once quantize_base() ran
+    base_checksum: Optional[str] = None  # sha256 of the unquantized base weight, kept when quantizing
+
+    def base_weight_checksum(self) -> str:
+        """The identity of the base weight (of the unquantized one, for a quantized base)."""
+        if self.base_quantization is None:
+            return weight_checksum(self.weight)
+        return self.base_checksum or weight_checksum(self.dense_weight())
+
+    def dense_weight(self) -> torch.Tensor:
+        """W0 in the compute dtype: the weight itself, or the quantized one dequantized."""
+        if self.base_quantization is None:
+            return self.weight
+        return dequantize(self.weight2d(), self.weight_scale, self.L.dtype).view(self.weight.shape)
+
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """W0 + L diag(e) U in the weight's shape and dtype."""
-        merged = loldu_merge(self.weight2d(), self.L, self.U, self.loldu_scale(), backend=self.backend)
-        return merged.view_as(self.weight)
+        """W0 + L diag(e) U in the weight's shape and the compute dtype."""
+        merged = loldu_merge(self.weight2d(), self.L, self.U, self.loldu_scale(), backend=self.backend,
+                             weight_scale=getattr(self, "weight_scale", None))
+        return merged.view(self.weight.shape)
 
     def to_base(self, merge: bool) -> nn.Module:
         """The plain base layer: the base weight itself (merge=False) or W0 + delta (merge=True)."""
         base = self.base_class.__new__(self.base_class)
         own = set(_FACTOR_BUFFERS) | {"d", "s", "rank", "alpha", "init", "init_seed", "loldu_name",
                                       "loldu_enabled", "backend", "base_requires_grad", "adapter_names",
-                                      "adapter_table", "batch_rows"}
+                                      "adapter_table", "batch_rows", "weight_scale", "base_quantization",
+                                      "base_checksum"}
         base.__dict__.update({k: _own_copy(v) for k, v in self.__dict__.items() if k not in own})
         for store in ("_parameters", "_buffers"):
             for key in own & set(getattr(base, store)):
                 del getattr(base, store)[key]
         base._non_persistent_buffers_set -= own
         w_grad, b_grad = self.base_requires_grad
-        base.weight = nn.Parameter(self.merged_weight(), requires_grad=w_grad) if merge else self.weight
+        if merge:
+            base.weight = nn.Parameter(self.merged_weight(), requires_grad=w_grad)
+        elif self.base_quantization is not None:  # the dequantized base: the unquantized one is gone
+            base.weight = nn.Parameter(self.dense_weight().detach().clone(), requires_grad=w_grad)
+        else:
+            base.weight = self.weight
         base.weight.requires_grad_(w_grad)
         if self.bias is not None:
             self.bias.requires_grad_(b_grad)
         return base
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        incoming = state_dict.get(prefix + "weight")
+        if self.base_quantization is not None and incoming is not None and incoming.dtype != self.weight.dtype:
+            raise ValueError(f"{self.loldu_name}: holds a quantized ({self.base_quantization}) base; a {incoming.dtype} "
+                             f"weight cannot be loaded into it. Load the full-precision checkpoint before "
+                             f"add_loldu(..., base_quantization=...)")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if prefix + "weight" in state_dict:
-            # A new base weight: its factors change, and a fresh adapter must again start at e == 0.
-            self._refactorize(self.weight2d())
+        if incoming is not None:
+            # A new base weight: its factors change, and a fresh adapter must again start at e == 0. A quantized
+            # checkpoint has no unquantized weight: its factors come from the dequantized one.
+            self.base_checksum = None
+            self._refactorize(self.dense_weight().reshape(self.weight.shape[0], -1))
             if prefix + "d" not in state_dict:
                 self.reset_loldu()
 
@@ -270,10 +303,25 @@ class LoLDULinear(LoLDULayer, nn.Linear):
             return 1
         return 2 + self.adapter_names.index(name) if name in self.adapter_names else 0
 
+    def quantize_base(self, kind: str) -> None:
+        """Keep W0 as weight-only quantized values ("int8", or "fp8" e4m3) with a float32 scale per output row.
+
+        The factors stay those of the unquantized weight, so an adapter moves between the full and the
+        quantized base. The unquantized weight is released once nothing else holds it."""
+        if self.base_quantization is not None:
+            raise ValueError(f"{self.loldu_name}: the base is already quantized ({self.base_quantization})")
+        if kind == "fp8" and self.weight.is_cuda and torch.cuda.get_device_capability(self.weight.device) < (8, 9):
+            raise ValueError(f"{self.loldu_name}: fp8 (e4m3) needs a GPU of compute capability 8.9 or newer")
+        values, scale = quantize_weight(self.weight, kind, self.loldu_name)
+        self.base_checksum = weight_checksum(self.weight)
+        self.weight = nn.Parameter(values, requires_grad=False)
+        self.register_buffer("weight_scale", scale)
+        self.base_quantization = kind
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.loldu_enabled:
             self._check_width(x, -1, self.in_features, "last dim")
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.dense_weight(), self.bias)
         e = self.loldu_scale()
         rows = None
         if self.batch_rows is not None:
@@ -285,10 +333,11 @@ class LoLDULinear(LoLDULayer, nn.Linear):
             e = torch.cat([torch.zeros_like(e)[None], e[None], named])
             rows = self.batch_rows.repeat_interleave(x[0].numel() // self.in_features)
         return loldu_linear(x, self.weight, self.bias, self.L, self.U, e, self.backend, rows=rows,
-                            name=self.loldu_name)
+                            weight_scale=getattr(self, "weight_scale", None), name=self.loldu_name)
 
     def extra_repr(self) -> str:
-        return nn.Linear.extra_repr(self) + self._loldu_repr()
+        quantized = f", base={self.base_quantization}" if self.base_quantization else ""
+        return nn.Linear.extra_repr(self) + self._loldu_repr() + quantized
 
 
 class LoLDUConv2d(LoLDULayer, nn.Conv2d):

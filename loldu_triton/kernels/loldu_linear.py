@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ..planner import ROUTES, plan
+from ..quant import QUANTIZED_DTYPES
 
 try:  # torch >= 2.6: ops that torch.compile traces into, kernels included
     from torch.library import triton_op, wrap_triton
@@ -178,17 +179,19 @@ def _shrink_kernel(
 @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"])
 @triton.jit
 def _gemm_kernel(
-    a_ptr, b_ptr, a2_ptr, b2_ptr, e_ptr, rows_ptr, bias_ptr, c_ptr,
+    a_ptr, b_ptr, a2_ptr, b2_ptr, e_ptr, rows_ptr, bias_ptr, scale_ptr, c_ptr,
     M, N, K, R, M_BUCKET, stride_e,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_a2m, stride_a2r, stride_b2r, stride_b2n,
     stride_cm, stride_cn,
-    LOWRANK: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    LOWRANK: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_N: tl.constexpr,
+    SCALE_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C = A @ B [+ (A2 * e) @ B2] [+ bias]. The rank-R term is R more K-steps on the same fp32 accumulator.
-    With PER_ROW, row m scales by its own row of the (adapters x R) table e: e[rows[m], :]."""
+    With PER_ROW, row m scales by its own row of the (adapters x R) table e: e[rows[m], :].
+    A quantized B (int8/fp8 values of a per-row-scaled W) is dequantized in the kernel: SCALE_N multiplies
+    column n of A @ B by scale[n] in the epilogue, SCALE_K row k of each B tile by scale[k] in the K loop."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -212,9 +215,14 @@ def _gemm_kernel(
         k_ok = rk < K - k0
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if SCALE_K:
+            sk = tl.load(scale_ptr + k0 + rk, mask=k_ok, other=0.0)
+            b = (b.to(tl.float32) * sk[:, None]).to(a_ptr.dtype.element_ty)
         acc = _dot(a, b, acc, PREC, UPCAST)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if SCALE_N:
+        acc = acc * tl.load(scale_ptr + rbn)[None, :]
 
     if LOWRANK:
         a2_ptrs = a2_ptr + ram[:, None] * stride_a2m + rk[None, :] * stride_a2r
@@ -244,10 +252,10 @@ def _gemm_kernel(
 @triton.autotune(configs=_merge_configs(), key=["N", "K", "R"])
 @triton.jit
 def _merge_kernel(
-    w_ptr, l_ptr, u_ptr, e_ptr, out_ptr,
+    w_ptr, l_ptr, u_ptr, e_ptr, scale_ptr, out_ptr,
     N, K, R,
     stride_wn, stride_wk, stride_ln, stride_lr, stride_ur, stride_uk, stride_on, stride_ok,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    SCALED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """OUT = W + (L * e) @ U, one (BLOCK_N, BLOCK_K) tile per program, the rank-R sum in fp32."""
@@ -271,9 +279,11 @@ def _merge_kernel(
         l_ptrs += BLOCK_R * stride_lr
         u_ptrs += BLOCK_R * stride_ur
     mask = n_ok[:, None] & k_ok[None, :]
-    w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk, mask=mask, other=0.0)
-    tl.store(out_ptr + rn[:, None] * stride_on + rk[None, :] * stride_ok,
-             (w.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
+    w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk, mask=mask, other=0.0).to(tl.float32)
+    if SCALED:  # quantized W: dequantize its row n
+        w = w * tl.load(scale_ptr + rn, mask=n_ok, other=0.0)[:, None]
+    tl.store(out_ptr + rn[:, None] * stride_on + rk[None, :] * stride_ok, (w + acc).to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -312,11 +322,11 @@ def _shrink(a, b, stride_bk, stride_br, p, t=None):
     return part.sum(0) if reduce else None
 
 
-def _gemm(a, b, stride_bk, stride_bn, c, lowrank=None, bias=None, rows=None):
+def _gemm(a, b, stride_bk, stride_bn, c, lowrank=None, bias=None, rows=None, scale=None, scale_axis="n"):
     """c = a @ B [+ (a2 * e) @ B2] [+ bias], B[k, n] at b + k*stride_bk + n*stride_bn.
 
     lowrank = (a2, e, b2, stride_b2r, stride_b2n) with a2 (M, R); with rows (M,) int64, e is an (A, R) table
-    and row m uses e[rows[m]]."""
+    and row m uses e[rows[m]]. scale: B holds quantized values, dequantized by scale along scale_axis."""
     M, K = a.shape
     N = c.shape[1]
     if lowrank is None:
@@ -326,53 +336,63 @@ def _gemm(a, b, stride_bk, stride_bn, c, lowrank=None, bias=None, rows=None):
         a2, e, b2, stride_b2r, stride_b2n = lowrank
         R = a2.shape[1]
     wrap_triton(_gemm_kernel)[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
-        a, b, a2, b2, e, rows if rows is not None else a, bias if bias is not None else a, c,
+        a, b, a2, b2, e, rows if rows is not None else a, bias if bias is not None else a,
+        scale if scale is not None else a, c,
         M, N, K, R, _m_bucket(M), e.stride(0) if rows is not None else 0,
         a.stride(0), a.stride(1), stride_bk, stride_bn,
         a2.stride(0), a2.stride(1), stride_b2r, stride_b2n,
         c.stride(0), c.stride(1),
         LOWRANK=lowrank is not None, PER_ROW=rows is not None, HAS_BIAS=bias is not None,
+        SCALE_N=scale is not None and scale_axis == "n", SCALE_K=scale is not None and scale_axis == "k",
         PREC=_precision(a.dtype), UPCAST=_upcast(a.dtype),
     )
 
 
-def _merge_into(weight, L, U, e, out):
+def _merge_into(weight, L, U, e, out, scale=None):
     N, K = weight.shape
     R = L.shape[1]
     wrap_triton(_merge_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]))](
-        weight, L, U, e, out,
+        weight, L, U, e, scale if scale is not None else e, out,
         N, K, R,
         weight.stride(0), weight.stride(1), L.stride(0), L.stride(1), U.stride(0), U.stride(1),
         out.stride(0), out.stride(1),
-        PREC=_precision(L.dtype), UPCAST=_upcast(L.dtype),
+        SCALED=scale is not None, PREC=_precision(L.dtype), UPCAST=_upcast(L.dtype),
     )
     return out
 
 
-def _forward_into(x, weight, bias, L, U, e, route, y):
+def _merged_weight(weight, L, U, e, scale):
+    """W_eff in the compute dtype: the weight's, or the factors' for a quantized weight."""
+    out = torch.empty(weight.shape, device=weight.device, dtype=L.dtype if scale is not None else weight.dtype)
+    return _merge_into(weight, L, U, e, out, scale)
+
+
+def _forward_into(x, weight, bias, L, U, e, route, y, scale=None):
     M, K = x.shape
     t = torch.empty((M, L.shape[1]), device=x.device, dtype=x.dtype)
     if M == 0:
         return t
     _shrink(x, U, U.stride(1), U.stride(0), t)
     if route == "side":
-        _gemm(x, weight, weight.stride(1), weight.stride(0), y, (t, e, L, L.stride(1), L.stride(0)), bias)
+        _gemm(x, weight, weight.stride(1), weight.stride(0), y, (t, e, L, L.stride(1), L.stride(0)), bias,
+              scale=scale, scale_axis="n")
     else:
-        w_eff = _merge_into(weight, L, U, e, torch.empty_like(weight))
+        w_eff = _merged_weight(weight, L, U, e, scale)
         _gemm(x, w_eff, w_eff.stride(1), w_eff.stride(0), y, bias=bias)
     return t
 
 
-def _backward_into(dy, t, weight, L, U, e, route, dx):
+def _backward_into(dy, t, weight, L, U, e, route, dx, scale=None):
     M = dy.shape[0]
     if M == 0:
         return torch.zeros_like(e)
     v = torch.empty((M, L.shape[1]), device=dy.device, dtype=dy.dtype)
     grad_e = _shrink(dy, L, L.stride(0), L.stride(1), v, t)
     if route == "side":
-        _gemm(dy, weight, weight.stride(0), weight.stride(1), dx, (v, e, U, U.stride(0), U.stride(1)))
+        _gemm(dy, weight, weight.stride(0), weight.stride(1), dx, (v, e, U, U.stride(0), U.stride(1)),
+              scale=scale, scale_axis="k")
     else:
-        w_eff = _merge_into(weight, L, U, e, torch.empty_like(weight))
+        w_eff = _merged_weight(weight, L, U, e, scale)
         _gemm(dy, w_eff, w_eff.stride(0), w_eff.stride(1), dx)
     return grad_e
 
@@ -385,33 +405,35 @@ def _backward_into(dy, t, weight, L, U, e, route, dx):
 
 
 def _fwd_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], L: torch.Tensor,
-              U: torch.Tensor, e: torch.Tensor, route: str) -> tuple[torch.Tensor, torch.Tensor]:
+              U: torch.Tensor, e: torch.Tensor, route: str,
+              scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     y = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
-    t = _forward_into(x, weight, bias, L, U, e, route, y)
+    t = _forward_into(x, weight, bias, L, U, e, route, y, scale)
     return y, t
 
 
-def _fwd_fake(x, weight, bias, L, U, e, route):
+def _fwd_fake(x, weight, bias, L, U, e, route, scale=None):
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], L.shape[1]))
 
 
 def _bwd_impl(dy: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor,
-              e: torch.Tensor, route: str) -> tuple[torch.Tensor, torch.Tensor]:
+              e: torch.Tensor, route: str, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     dx = torch.empty((dy.shape[0], weight.shape[1]), device=dy.device, dtype=dy.dtype)
-    grad_e = _backward_into(dy, t, weight, L, U, e, route, dx)
+    grad_e = _backward_into(dy, t, weight, L, U, e, route, dx, scale)
     return dx, grad_e
 
 
-def _bwd_fake(dy, t, weight, L, U, e, route):
+def _bwd_fake(dy, t, weight, L, U, e, route, scale=None):
     return dy.new_empty((dy.shape[0], weight.shape[1])), e.new_empty(e.shape)
 
 
-def _merge_impl(weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    return _merge_into(weight, L, U, e, torch.empty_like(weight))
+def _merge_impl(weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor, e: torch.Tensor,
+                scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _merged_weight(weight, L, U, e, scale)
 
 
-def _merge_fake(weight, L, U, e):
-    return torch.empty_like(weight)
+def _merge_fake(weight, L, U, e, scale=None):
+    return torch.empty_like(weight, dtype=L.dtype if scale is not None else weight.dtype)
 
 
 def _register(name, impl, fake):
@@ -447,14 +469,18 @@ def _check_device(*tensors):
             raise RuntimeError(f"all tensors must be on one device; got {device} and {t.device}")
 
 
-def _check_operands(x, weight, bias, L, U, e):
+def _check_operands(x, weight, bias, L, U, e, scale=None):
     """Validate the shared operands of forward/backward; returns (K, N, r) of the layer."""
-    _check_device(x, weight, L, U, e, *([] if bias is None else [bias]))
+    _check_device(x, weight, L, U, e, *([] if bias is None else [bias]), *([] if scale is None else [scale]))
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"activations must be float32, float16 or bfloat16, got {x.dtype}")
-    for name, p in (("weight", weight), ("L", L), ("U", U), ("bias", bias)):
+    for name, p in (("weight", None if scale is not None else weight), ("L", L), ("U", U), ("bias", bias)):
         if p is not None and p.dtype not in (x.dtype, torch.float32):
             raise TypeError(f"{name} must be {x.dtype} or float32, got {p.dtype}")
+    if scale is not None and (weight.dtype not in QUANTIZED_DTYPES or scale.dtype != torch.float32
+                              or scale.shape != weight.shape[:1]):
+        raise TypeError(f"a quantized weight is int8 or float8_e4m3fn with a float32 scale per row; got "
+                        f"{weight.dtype} {tuple(weight.shape)} and scale {scale.dtype} {tuple(scale.shape)}")
     if e.dtype != torch.float32:
         raise TypeError(f"e must be float32, got {e.dtype}")
     if weight.dim() != 2 or L.dim() != 2 or U.dim() != 2 or e.dim() != 1:
@@ -489,67 +515,72 @@ def _route(route, M, K, N, r, itemsize):
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], L: torch.Tensor,
             U: torch.Tensor, e: torch.Tensor, *, route: Optional[str] = None,
-            y_out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+            y_out: Optional[torch.Tensor] = None,
+            weight_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """y = x W^T + b + ((x U^T) * e) L^T and t = x U^T, both in x.dtype. x (M, K) may have any strides.
 
     route: None lets `plan` choose; "side" or "merged" forces one. y_out: an (M, N) tensor of x.dtype (any
     strides) to write y into instead of allocating it; an eager-mode hook (tests poison it), whereas the default
-    path is a registered op that torch.compile traces without a graph break."""
+    path is a registered op that torch.compile traces without a graph break. weight_scale: weight holds int8 or
+    fp8 values of W / weight_scale[:, None], dequantized inside the kernels."""
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (M, K), got shape {tuple(x.shape)}")
-    K, N, r = _check_operands(x, weight, bias, L, U, e)
+    K, N, r = _check_operands(x, weight, bias, L, U, e, weight_scale)
     M = x.shape[0]
     if x.shape[1] != K:
         raise ValueError(f"x has {x.shape[1]} features, weight expects {K}")
     route = _route(route, M, K, N, r, x.element_size())
-    bias, e = _vec(bias), _vec(e)
+    bias, e, scale = _vec(bias), _vec(e), _vec(weight_scale)
     if y_out is None:
-        return _fwd_op(x, weight, bias, L, U, e, route)
+        return _fwd_op(x, weight, bias, L, U, e, route, scale)
     _check_out(y_out, (M, N), x.dtype, "y_out")
     _check_device(x, y_out)
     with set_wrap_triton_enabled(False):
-        t = _forward_into(x, weight, bias, L, U, e, route, y_out)
+        t = _forward_into(x, weight, bias, L, U, e, route, y_out, scale)
     return y_out, t
 
 
 def backward(dy: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor,
              e: torch.Tensor, *, route: Optional[str] = None,
-             dx_out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+             dx_out: Optional[torch.Tensor] = None,
+             weight_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """dx = dY W + ((dY L) * e) U in dy.dtype, and grad_e = sum over rows of t * (dY L) in float32.
 
-    t is the (M, r) tensor `forward` returned. route and dx_out (M, K) as in `forward`."""
+    t is the (M, r) tensor `forward` returned. route, dx_out (M, K) and weight_scale as in `forward`."""
     if dy.dim() != 2 or t.dim() != 2:
         raise ValueError(f"dy and t must be 2-D, got shapes {tuple(dy.shape)} and {tuple(t.shape)}")
-    K, N, r = _check_operands(dy, weight, None, L, U, e)
+    K, N, r = _check_operands(dy, weight, None, L, U, e, weight_scale)
     M = dy.shape[0]
     if dy.shape[1] != N or t.shape != (M, r):
         raise ValueError(f"need dy ({M}, {N}) and t ({M}, {r}); got {tuple(dy.shape)} and {tuple(t.shape)}")
     _check_device(dy, t)
     route = _route(route, M, N, K, r, dy.element_size())
-    e = _vec(e)
+    e, scale = _vec(e), _vec(weight_scale)
     if dx_out is None:
-        return _bwd_op(dy, t, weight, L, U, e, route)
+        return _bwd_op(dy, t, weight, L, U, e, route, scale)
     _check_out(dx_out, (M, K), dy.dtype, "dx_out")
     _check_device(dy, dx_out)
     with set_wrap_triton_enabled(False):
-        grad_e = _backward_into(dy, t, weight, L, U, e, route, dx_out)
+        grad_e = _backward_into(dy, t, weight, L, U, e, route, dx_out, scale)
     return dx_out, grad_e
 
 
 def merge(weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor, e: torch.Tensor, *,
-          out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """W_eff = W + L diag(e) U in weight.dtype, one kernel with fp32 accumulation. out: an (N, K) tensor of
-    weight.dtype to write into."""
-    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+          out: Optional[torch.Tensor] = None, weight_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W_eff = W + L diag(e) U, one kernel with fp32 accumulation, in weight.dtype (L.dtype for a quantized
+    weight, see `forward`). out: an (N, K) tensor of that dtype to write into."""
+    if weight_scale is None and weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
-    _check_operands(weight, weight, None, L, U, e)
-    e = _vec(e)
+    dtype = L.dtype if weight_scale is not None else weight.dtype
+    _check_operands(torch.empty((0, weight.shape[1]), device=weight.device, dtype=dtype), weight, None, L, U, e,
+                    weight_scale)
+    e, scale = _vec(e), _vec(weight_scale)
     if out is None:
-        return _merge_op(weight, L, U, e)
-    _check_out(out, tuple(weight.shape), weight.dtype, "out")
+        return _merge_op(weight, L, U, e, scale)
+    _check_out(out, tuple(weight.shape), dtype, "out")
     _check_device(weight, out)
     with set_wrap_triton_enabled(False):
-        return _merge_into(weight, L, U, e, out)
+        return _merge_into(weight, L, U, e, out, scale)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -565,9 +596,9 @@ def _check_rows(x, e, rows):
         raise ValueError(f"rows must be int64 of shape ({x.shape[0]},), got {rows.dtype} {tuple(rows.shape)}")
 
 
-def forward_rows(x, weight, bias, L, U, e, rows):
+def forward_rows(x, weight, bias, L, U, e, rows, weight_scale=None):
     """forward() with a per-row adapter: y = x W^T + b + ((x U^T) * e[rows]) L^T. Returns (y, t)."""
-    K, N, r = _check_operands(x, weight, bias, L, U, e[0])
+    K, N, r = _check_operands(x, weight, bias, L, U, e[0], weight_scale)
     _check_rows(x, e, rows)
     y = torch.empty((x.shape[0], N), device=x.device, dtype=x.dtype)
     t = torch.empty((x.shape[0], r), device=x.device, dtype=x.dtype)
@@ -575,14 +606,14 @@ def forward_rows(x, weight, bias, L, U, e, rows):
         with set_wrap_triton_enabled(False):
             _shrink(x, U, U.stride(1), U.stride(0), t)
             _gemm(x, weight, weight.stride(1), weight.stride(0), y, (t, e.contiguous(), L, L.stride(1), L.stride(0)),
-                  _vec(bias), rows=rows.contiguous())
+                  _vec(bias), rows=rows.contiguous(), scale=_vec(weight_scale), scale_axis="n")
     return y, t
 
 
-def backward_rows(dy, t, weight, L, U, e, rows):
+def backward_rows(dy, t, weight, L, U, e, rows, weight_scale=None):
     """backward() with a per-row adapter: dx = dY W + ((dY L) * e[rows]) U, and the (A, r) float32 gradient of
     the table (row a sums t * v over the rows that use adapter a)."""
-    K, N, r = _check_operands(dy, weight, None, L, U, e[0])
+    K, N, r = _check_operands(dy, weight, None, L, U, e[0], weight_scale)
     _check_rows(dy, e, rows)
     dx = torch.empty((dy.shape[0], K), device=dy.device, dtype=dy.dtype)
     v = torch.empty((dy.shape[0], r), device=dy.device, dtype=dy.dtype)
@@ -591,6 +622,6 @@ def backward_rows(dy, t, weight, L, U, e, rows):
         with set_wrap_triton_enabled(False):
             _shrink(dy, L, L.stride(0), L.stride(1), v)
             _gemm(dy, weight, weight.stride(0), weight.stride(1), dx, (v, e.contiguous(), U, U.stride(0),
-                  U.stride(1)), rows=rows.contiguous())
+                  U.stride(1)), rows=rows.contiguous(), scale=_vec(weight_scale), scale_axis="k")
         grad_e.index_add_(0, rows, t.float() * v.float())
     return dx, grad_e
