@@ -16,7 +16,8 @@ from .layer import LoLDULinear
 
 CPU_SHAPES = [(2048, 1024, 1024)]
 GPU_SHAPES = [(m, 4096, n) for m in (1, 512, 8192) for n in (4096, 11008)]
-METHODS = ("linear", "loldu", "loldu_torch", "loldu_unfused", "seed_param", "peft_lora", "peft_vera")
+METHODS = ("linear", "loldu", "loldu_torch", "loldu_int8", "loldu_fp8", "loldu_unfused", "seed_param", "peft_lora",
+           "peft_vera")
 
 
 class UnfusedLoLDU(nn.Module):
@@ -83,12 +84,22 @@ def build_methods(K: int, N: int, rank: int, dtype, device, wanted) -> Dict[str,
     layer = LoLDULinear.from_linear(base, rank)
     with torch.no_grad():  # a trained state, so no path can shortcut e == 0
         layer.d.mul_(1.01)
+
+    def quantized(kind):
+        if kind == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            return None
+        q = LoLDULinear.from_parametrization(base, layer)
+        q.quantize_base(kind)
+        return q
+
     candidates: Dict[str, Callable[[], Optional[nn.Module]]] = {
         "linear": lambda: base,
         "loldu": lambda: layer,
         # the PyTorch path of the same layer; on CPU it is what "loldu" runs already
         "loldu_torch": lambda: LoLDULinear.from_parametrization(base, layer, backend="torch")
         if device.type != "cpu" else None,
+        "loldu_int8": lambda: quantized("int8"),
+        "loldu_fp8": lambda: quantized("fp8"),
         "loldu_unfused": lambda: UnfusedLoLDU(layer),
         "seed_param": lambda: SeedParametrization(layer),
         "peft_lora": lambda: _peft_module("lora", base, rank),
@@ -134,6 +145,7 @@ class Result:
     fwd_bwd_ratio: float = float("nan")
     saved_mb: float = 0.0
     peak_mb: float = float("nan")
+    weights_mb: float = 0.0  # what the layer stores: base weight (quantized or not), bias, factors
 
 
 def _timer(device: torch.device):
@@ -187,8 +199,9 @@ def bench_case(M, K, N, rank, dtype, device, wanted, repeats) -> List[Result]:
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - start_mem) / 2**20
         # backward alone = (forward+backward) - forward, both medians of the same interleaved rounds
+        stored = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
         results.append(Result(device.type, str(dtype).replace("torch.", ""), M, K, N, rank, name, f, fb - f, fb,
-                              saved_mb=saved_bytes(m, x) / 2**20, peak_mb=peak))
+                              saved_mb=saved_bytes(m, x) / 2**20, peak_mb=peak, weights_mb=stored / 2**20))
     if "linear" in samples:
         # Each ratio is the median over rounds of (method / floor) within the same round: paired, so the drift
         # of a shared machine between rounds cancels.
@@ -241,11 +254,12 @@ def layer_holder(layer: nn.Module) -> nn.Module:
 
 def markdown(results: List[Result]) -> str:
     lines = ["| device | dtype | M | K | N | r | method | fwd ms | bwd ms | fwd+bwd ms | fwd x | bwd x | fwd+bwd x "
-             "| saved MB | peak MB |", "|" + "---|" * 15]
+             "| saved MB | peak MB | weights MB |", "|" + "---|" * 16]
     for r in results:
         lines.append(f"| {r.device} | {r.dtype} | {r.M} | {r.K} | {r.N} | {r.rank} | {r.method} | "
                      f"{r.forward_ms:.3f} | {r.backward_ms:.3f} | {r.fwd_bwd_ms:.3f} | {r.forward_ratio:.3f} | "
-                     f"{r.backward_ratio:.3f} | {r.fwd_bwd_ratio:.3f} | {r.saved_mb:.2f} | {r.peak_mb:.1f} |")
+                     f"{r.backward_ratio:.3f} | {r.fwd_bwd_ratio:.3f} | {r.saved_mb:.2f} | {r.peak_mb:.1f} | "
+                     f"{r.weights_mb:.2f} |")
     return "\n".join(lines)
 
 

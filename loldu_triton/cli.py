@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=None, help="timed repeats per case (CPU; default 15)")
     bench.add_argument("--methods", default=None,
                        help="comma-separated subset of: linear, loldu (Triton on GPU), loldu_torch (the PyTorch "
-                            "path, GPU only), loldu_unfused, seed_param, peft_lora, peft_vera (default: all)")
+                            "path, GPU only), loldu_int8 and loldu_fp8 (quantized base), loldu_unfused, seed_param, "
+                            "peft_lora, peft_vera (default: all)")
     bench.add_argument("--adapter-counts", default=None,
                        help="instead of the layer table: time one batch (as many rows as the largest count, "
                             "8 tokens each) whose rows use 1, 10, ... different adapters, against one adapter; "

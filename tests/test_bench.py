@@ -30,7 +30,13 @@ def test_bench_writes_csv_markdown_and_plot_with_ratios_to_the_floor(tmp_path):
                            repeats=2, out=str(tmp_path))
     results = run_bench(args)
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
-    assert len(rows) == len(results) == 2 * 4  # linear, loldu, loldu_unfused, seed_param; PEFT absent here
+    # linear, loldu, loldu_int8, loldu_fp8, loldu_unfused, seed_param; PEFT is absent here
+    assert len(rows) == len(results) == 2 * 6
+    stored = {(r["rank"], r["method"]): float(r["weights_mb"]) for r in rows}
+    for rank in ("4", "24"):  # a 1-byte base saves 3 of every 4 bytes of the float32 weight
+        saved = stored[(rank, "loldu")] - stored[(rank, "loldu_int8")]
+        assert saved == stored[(rank, "loldu")] - stored[(rank, "loldu_fp8")] > 0
+        assert abs(saved - (24 * 32 * 3 - 24 * 4) / 2**20) < 1e-9  # minus the float32 scales
     for r in rows:
         if r["method"] == "linear":
             assert float(r["fwd_bwd_ratio"]) == 1.0
