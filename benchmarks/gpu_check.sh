@@ -14,7 +14,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } | tee "$out/env.txt"
 
-timeout 150 python -m pytest -q -x tests/test_kernels.py -k "gpu or cuda" 2>&1 | tail -25 | tee "$out/gpu_tests.txt"
+timeout 150 python -m pytest -q -x tests/test_kernels.py tests/test_quant.py -k "gpu or cuda" 2>&1 | tail -25 | tee "$out/gpu_tests.txt"
 tests_rc=${PIPESTATUS[0]}
 
 timeout 230 python -m loldu_triton.cli bench --device cuda --dtype bfloat16 \

@@ -178,3 +178,25 @@ def test_kernels_read_the_quantized_base_under_the_interpreter():
     for case, errs in res.items():
         tol = 5e-3 if "float16" in case else 1e-5  # outputs rounded to fp16; fp32 exact up to accumulation
         assert all(err < tol for err in errs), (case, errs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_gpu_quantized_kernels_match_the_dequantized_reference(kind):
+    if kind == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 e4m3 needs compute capability 8.9+")
+    import loldu_triton.kernels.loldu_linear as k
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    M, K, N, r = 512, 4096, 4096, 64
+    q, sc = quantize_weight(torch.randn(N, K, device="cuda", generator=g) * K**-0.5, kind)
+    x, dy = (torch.randn(M, K, device="cuda", generator=g).bfloat16(),
+             torch.randn(M, N, device="cuda", generator=g).bfloat16())
+    L = (torch.randn(N, r, device="cuda", generator=g) * r**-0.5).bfloat16()
+    U = (torch.randn(r, K, device="cuda", generator=g) * K**-0.5).bfloat16()
+    e = torch.randn(r, device="cuda", generator=g)
+    W_eff = dequantize(q, sc, torch.float64) + L.double() @ torch.diag(e.double()) @ U.double()
+    for route in ("side", "merged"):
+        y, t = k.forward(x, q, None, L, U, e, route=route, weight_scale=sc)
+        dx, _ = k.backward(dy, t, q, L, U, e, route=route, weight_scale=sc)
+        assert rel_err(y, x.double() @ W_eff.T) < 2e-2 and rel_err(dx, dy.double() @ W_eff) < 2e-2
