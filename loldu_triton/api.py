@@ -65,8 +65,8 @@ def _why_not_adaptable(name: str, module: nn.Module, parent: Optional[nn.Module]
     if isinstance(module, LoLDULayer):
         return None
     if "forward" in vars(module):
-        return (f"its forward is replaced on the instance (an accelerate hook, say), which LoLDU would bypass; "
-                f"add LoLDU before dispatching the model to devices")
+        return ("its forward is replaced on the instance (an accelerate hook, say), which LoLDU would bypass; "
+                "add LoLDU before dispatching the model to devices")
     if isinstance(parent, nn.MultiheadAttention):
         return "nn.MultiheadAttention reads its out_proj weight directly, bypassing the layer's forward"
     if type(module).forward is not base.forward:

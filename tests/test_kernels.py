@@ -7,20 +7,16 @@ tests run in this process without the interpreter. GPU tests run when CUDA is av
 """
 
 import importlib
-import json
 import logging
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_interpreted
+
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
-REPO = Path(__file__).resolve().parents[1]
 MODULE = "loldu_triton.kernels.loldu_linear"
 TOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
 
@@ -192,12 +188,7 @@ print(json.dumps({"cases": cases, "default": default_path()}))
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-c", WORKER], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stderr[-6000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(WORKER)
 
 
 def _label(case):

@@ -1,23 +1,17 @@
 """A weight-only quantized frozen base (int8, fp8 e4m3) under LoLDU: PyTorch path, kernels (interpreter),
 adapter files between quantized and full bases, merge/remove, dtype moves."""
 import copy
-import json
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import rel_err
+from conftest import rel_err, run_interpreted
 from loldu_triton import LoLDULinear, add_loldu, get_loldu_params, load_loldu, merge_loldu, remove_loldu, save_loldu
 from loldu_triton.quant import dequantize, quantize_weight
 from test_api import TinyLM
 
-REPO = Path(__file__).resolve().parents[1]
 # Relative output error of a quantized base against the full one (per-row absmax): int8 ~0.5%, e4m3 ~3%.
 QUANT_TOL = {"int8": 1e-2, "fp8": 6e-2}
 
@@ -168,12 +162,7 @@ print(json.dumps(out))
 
 def test_kernels_read_the_quantized_base_under_the_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-c", WORKER], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_interpreted(WORKER)
     assert len(res) == 2 * (2 * 3 + 1)
     for case, errs in res.items():
         tol = 5e-3 if "float16" in case else 1e-5  # outputs rounded to fp16; fp32 exact up to accumulation

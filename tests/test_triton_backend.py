@@ -1,17 +1,14 @@
 """LoLDULinear and the seed API on the Triton backend, run by the Triton interpreter in a subprocess
 (the interpreter must be on before triton kernels are defined; this pytest process may have defined them)."""
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
+from conftest import run_interpreted
+
 pytest.importorskip("triton")
-REPO = Path(__file__).resolve().parents[1]
 
 WORKER = r'''
 import json, torch, torch.nn as nn
@@ -78,12 +75,7 @@ print(json.dumps(result))
 
 
 def test_layer_on_triton_backend_trains_like_the_torch_path_and_launches_the_kernels():
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-c", WORKER], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_interpreted(WORKER)
     assert res["y_rel"] < 1e-5 and res["merged_rel"] < 1e-5 and res["merged_vs_unmerged_rel"] < 1e-5
     # forward: 2 layers x (3 training steps + 1 final forward); backward kernel: the second layer only, 3 steps
     # (the first layer's input needs no gradient, so no dX GEMM runs there); merge once per layer
