@@ -142,6 +142,9 @@ class LoLDULayer(LoLDUMixin):
         return self.weight.reshape(self.weight.shape[0], -1)
 
     def _setup(self, rank, alpha, init, init_seed, backend, name, freeze, source=None):
+        if "_base_state" not in self.__dict__:  # (wrapping a LoLDU layer again keeps its base's record)
+            # What the base layer itself holds, so that to_base() gives back exactly that.
+            self._base_state = (set(self.__dict__), set(self._parameters), set(self._buffers))
         out_f, in_f = self.weight2d().shape
         name = name or f"{type(self).__name__}({out_f}x{in_f})"
         limit = min(out_f, in_f)
@@ -190,15 +193,12 @@ class LoLDULayer(LoLDUMixin):
     def to_base(self, merge: bool) -> nn.Module:
         """The plain base layer: the base weight itself (merge=False) or W0 + delta (merge=True)."""
         base = self.base_class.__new__(self.base_class)
-        own = set(_FACTOR_BUFFERS) | {"d", "s", "rank", "alpha", "init", "init_seed", "loldu_name",
-                                      "loldu_enabled", "backend", "base_requires_grad", "adapter_names",
-                                      "adapter_table", "batch_rows", "weight_scale", "base_quantization",
-                                      "base_checksum"}
-        base.__dict__.update({k: _own_copy(v) for k, v in self.__dict__.items() if k not in own})
-        for store in ("_parameters", "_buffers"):
-            for key in own & set(getattr(base, store)):
+        attrs, params, buffers = self._base_state
+        base.__dict__.update({k: _own_copy(v) for k, v in self.__dict__.items() if k in attrs})
+        for store, keep in (("_parameters", params), ("_buffers", buffers)):
+            for key in set(getattr(base, store)) - keep:
                 del getattr(base, store)[key]
-        base._non_persistent_buffers_set -= own
+        base._non_persistent_buffers_set &= buffers
         w_grad, b_grad = self.base_requires_grad
         if merge:
             base.weight = nn.Parameter(self.merged_weight(), requires_grad=w_grad)

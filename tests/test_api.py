@@ -117,6 +117,11 @@ def test_disable_remove_are_bit_exact_and_enable_restores():
     remove_loldu(model)
     assert not any(isinstance(m, LoLDULinear) for m in model.modules())
     assert torch.equal(model(x), y_base)
+    plain = nn.Linear(16, 16)
+    for layer in (model.layers[0].q_proj, model.lm_head):  # nothing of LoLDU is left on the layer
+        assert type(layer) is nn.Linear and set(vars(layer)) == set(vars(plain))
+        assert set(layer._parameters) == {"weight", "bias"} and not layer._buffers
+        assert not layer._non_persistent_buffers_set
     assert [p.requires_grad for p in model.parameters()] == flags
 
 
