@@ -77,15 +77,19 @@ def _torch_merge(weight, L, U, e):
     return torch.addmm(weight.to(acc), L.to(acc) * e.to(acc), U.to(acc)).to(weight.dtype)
 
 
+def _forward(x2, weight, bias, L, U, e, rows, scale, backend):
+    """(y, t) for a 2-D input on either backend."""
+    if backend == "triton":
+        kernels = _kernels()
+        return (kernels.forward(x2, weight, bias, L, U, e, weight_scale=scale) if rows is None
+                else kernels.forward_rows(x2, weight, bias, L, U, e, rows, scale))
+    return _torch_forward(x2, _dense(weight, scale, x2.dtype), bias, L, U, e, rows)
+
+
 class LoLDULinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, L, U, e, rows, scale, backend):
-        if backend == "triton":
-            kernels = _kernels()
-            y2, t = (kernels.forward(x2, weight, bias, L, U, e, weight_scale=scale) if rows is None
-                     else kernels.forward_rows(x2, weight, bias, L, U, e, rows, scale))
-        else:
-            y2, t = _torch_forward(x2, _dense(weight, scale, x2.dtype), bias, L, U, e, rows)
+        y2, t = _forward(x2, weight, bias, L, U, e, rows, scale, backend)
         # x itself is kept only when a gradient of the frozen weight or U is asked for.
         needs_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[4]
         ctx.save_for_backward(t, weight, L, U, e, rows, scale, x2 if needs_x else None)
@@ -176,9 +180,12 @@ def loldu_linear(
     # Reshapes stay outside the Function: an output that is a view made inside it could not be modified in
     # place (ReLU(inplace=True), y += residual). A 2-D input gets its output itself, not a view, as from
     # nn.Linear: FSDP2 misses an in-place op on a view and frees the weight before backward.
+    operands = (x.reshape(-1, x.shape[-1]), weight, bias, L, U, e, rows, weight_scale, resolve_backend(backend, x))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, L, U, e))
     with autocast_off:
-        y2 = LoLDULinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, L, U, e, rows, weight_scale,
-                                       resolve_backend(backend, x))
+        # Without autograd (inference, decode) the custom Function's own overhead is skipped.
+        y2 = LoLDULinearFunction.apply(*operands) if needs_grad else _forward(*operands)[0]
     return y2 if x.dim() == 2 else y2.reshape(*x.shape[:-1], y2.shape[-1])
 
 

@@ -130,3 +130,15 @@ def test_planner_crossovers():
     assert plan(197 * 64, 768, 768, 768) == "merged"  # the paper's full-rank ViT-B, batch 64, kernels
     assert plan(16384, 4096, 4096, 16) == "side"
     assert plan(2048, 1024, 1024, 16, 4, "cpu", fused_epilogue=False) == "merged"
+
+
+def test_inference_path_skips_autograd_and_gives_the_same_output():
+    x, W, b, L, U, e = operands(M=5, K=9, N=7, r=3, dtype=torch.float32)
+    e.requires_grad_(True)
+    y_train = loldu_linear(x, W, b, L, U, e, backend="torch")
+    assert y_train.grad_fn is not None
+    with torch.no_grad():
+        y_infer = loldu_linear(x, W, b, L, U, e, backend="torch")
+    assert y_infer.grad_fn is None and torch.equal(y_infer, y_train.detach())
+    y_frozen = loldu_linear(x, W, b, L, U, e.detach(), backend="torch")  # nothing requires grad
+    assert y_frozen.grad_fn is None and torch.equal(y_frozen, y_infer)
