@@ -79,7 +79,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), attr, new)
 
 
-def _select_targets(model, target_modules, by_type=lambda m: isinstance(m, nn.Linear)) -> Tuple[List[str], List[str]]:
+def _select_targets(model, target_modules,
+                    by_type=lambda m: isinstance(m, nn.Linear)) -> Tuple[List[str], List[str]]:
     """Names of the layers to adapt, and of targeted layers that already have LoLDU.
 
     None and "all-linear" take the layers ``by_type`` accepts (nn.Linear), leaving out with a warning those
@@ -153,8 +154,8 @@ def add_loldu(
     Either the reference code's ``loldu_config`` ({nn.Linear: {"weight": partial(LoLDUParametrization
     .from_linear, rank=r)}}, likewise nn.Conv2d with from_conv2d and nn.Embedding with from_embedding) or
     ``rank=`` with ``target_modules``: None (every nn.Linear), "all-linear" (all but the output layer: a
-    Hugging Face model's get_output_embeddings(), or a layer named ``lm_head``), a list of names (suffix match) or a regex (full match); names and regexes may also pick
-    nn.Conv2d and nn.Embedding layers.
+    Hugging Face model's get_output_embeddings(), or a layer named ``lm_head``), a list of names (suffix
+    match) or a regex (full match); names and regexes may also pick nn.Conv2d and nn.Embedding layers.
     A rank larger than a layer can hold is clamped to its full rank with a warning; ``rank="full"`` asks for
     every layer's full rank, min(in, out) (the paper's ViT setting), without one. Layers that already have
     LoLDU are left as they are. Nothing is changed if any layer fails.

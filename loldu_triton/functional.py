@@ -39,11 +39,13 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return "triton"
 
 
-def _torch_forward(x2, weight, bias, L, U, e, rows) -> Tuple[torch.Tensor, torch.Tensor]:
-    t = F.linear(x2, U)
+def _torch_forward(x2, weight, bias, L, U, e, rows, need_t=True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(y, t); the merged route computes t = x U^T only when backward needs it (at full rank it costs a GEMM)."""
     (N, K), r = weight.shape, e.shape[-1]
-    if rows is None and plan(x2.shape[0], K, N, r, x2.element_size(), x2.device.type, fused_epilogue=False) == "merged":
-        return F.linear(x2, _torch_merge(weight, L, U, e), bias), t
+    if rows is None and plan(x2.shape[0], K, N, r, x2.element_size(), x2.device.type,
+                             fused_epilogue=False) == "merged":
+        return F.linear(x2, _torch_merge(weight, L, U, e), bias), F.linear(x2, U) if need_t else None
+    t = F.linear(x2, U)
     y = F.linear(x2, weight, bias)
     y.addmm_((t * (e if rows is None else e[rows])).to(y.dtype), L.T)
     return y, t
@@ -77,13 +79,13 @@ def _torch_merge(weight, L, U, e):
     return torch.addmm(weight.to(acc), L.to(acc) * e.to(acc), U.to(acc)).to(weight.dtype)
 
 
-def _forward(x2, weight, bias, L, U, e, rows, scale, backend):
-    """(y, t) for a 2-D input on either backend."""
+def _forward(x2, weight, bias, L, U, e, rows, scale, backend, need_t=True):
+    """(y, t) for a 2-D input on either backend (t may be None when need_t is False)."""
     if backend == "triton":
         kernels = _kernels()
         return (kernels.forward(x2, weight, bias, L, U, e, weight_scale=scale) if rows is None
                 else kernels.forward_rows(x2, weight, bias, L, U, e, rows, scale))
-    return _torch_forward(x2, _dense(weight, scale, x2.dtype), bias, L, U, e, rows)
+    return _torch_forward(x2, _dense(weight, scale, x2.dtype), bias, L, U, e, rows, need_t)
 
 
 class LoLDULinearFunction(torch.autograd.Function):
@@ -185,7 +187,7 @@ def loldu_linear(
         t is not None and t.requires_grad for t in (x, weight, bias, L, U, e))
     with autocast_off:
         # Without autograd (inference, decode) the custom Function's own overhead is skipped.
-        y2 = LoLDULinearFunction.apply(*operands) if needs_grad else _forward(*operands)[0]
+        y2 = LoLDULinearFunction.apply(*operands) if needs_grad else _forward(*operands, need_t=False)[0]
     return y2 if x.dim() == 2 else y2.reshape(*x.shape[:-1], y2.shape[-1])
 
 

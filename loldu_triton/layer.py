@@ -214,9 +214,9 @@ class LoLDULayer(LoLDUMixin):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         incoming = state_dict.get(prefix + "weight")
         if self.base_quantization is not None and incoming is not None and incoming.dtype != self.weight.dtype:
-            raise ValueError(f"{self.loldu_name}: holds a quantized ({self.base_quantization}) base; a {incoming.dtype} "
-                             f"weight cannot be loaded into it. Load the full-precision checkpoint before "
-                             f"add_loldu(..., base_quantization=...)")
+            raise ValueError(f"{self.loldu_name}: holds a quantized ({self.base_quantization}) base; a "
+                             f"{incoming.dtype} weight cannot be loaded into it. Load the full-precision "
+                             f"checkpoint before add_loldu(..., base_quantization=...)")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if incoming is not None:
             # A new base weight: its factors change, and a fresh adapter must again start at e == 0. A quantized

@@ -142,3 +142,17 @@ def test_inference_path_skips_autograd_and_gives_the_same_output():
     assert y_infer.grad_fn is None and torch.equal(y_infer, y_train.detach())
     y_frozen = loldu_linear(x, W, b, L, U, e.detach(), backend="torch")  # nothing requires grad
     assert y_frozen.grad_fn is None and torch.equal(y_frozen, y_infer)
+
+
+def test_merged_route_without_autograd_skips_the_shrink(monkeypatch):
+    import loldu_triton.functional as functional
+
+    x, W, b, L, U, e = operands(M=200, K=12, N=10, r=4, dtype=torch.float32)  # the merged route on CPU
+    shrinks = []
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(functional.F, "linear", lambda a, w, *rest: shrinks.append(w is U) or real_linear(a, w, *rest))
+    with torch.no_grad():
+        y = loldu_linear(x, W, b, L, U, e, backend="torch")
+    assert not any(shrinks)  # x U^T is only for backward there
+    e.requires_grad_(True)
+    assert torch.equal(loldu_linear(x, W, b, L, U, e, backend="torch").detach(), y) and any(shrinks)
