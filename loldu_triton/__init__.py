@@ -15,7 +15,8 @@ from .api import (
     print_trainable_parameters,
     remove_loldu,
 )
-from .factorize import INITS, LDUFactors, ldu_factors
+from .config import INITS
+from .factorize import LDUFactors, ldu_factors
 from .functional import loldu_linear, loldu_merge
 from .layer import LOLDU_LAYERS, LoLDUConv2d, LoLDUEmbedding, LoLDULayer, LoLDULinear
 

@@ -13,11 +13,18 @@ from dataclasses import dataclass
 
 import torch
 
-INITS = ("lu", "uniform", "normal", "constant")
+from .config import INITS, check_init, check_rank
 
 # A pivot whose row would need entries of U larger than this is treated as unusable: such a direction is
 # numerically dominated by cancellation, and the bound keeps U finite even in float16 (max 65504).
 MAX_U_GROWTH = 2.0**14
+# A pivot below LOST_PIVOT_EPS * eps(weight dtype) * (largest pivot) is lost to the weight's own rounding: a
+# rank-deficient fp32 product leaves pivots of 1-2 eps, while full-rank weights keep theirs above 1e4 eps.
+# In 16-bit types a full-rank weight's smallest pivots sit only a few eps below its largest, so there only
+# pivots under one eps count as lost.
+LOST_PIVOT_EPS = {torch.float16: 1.0, torch.bfloat16: 1.0}
+# d, s and e are float32: pivots must leave room for s * d and its updates there.
+MAX_PIVOT = torch.finfo(torch.float32).max / 2.0**10
 
 
 @dataclass
@@ -36,11 +43,7 @@ def ldu_factors(weight: torch.Tensor, rank: int, name: str = "weight") -> LDUFac
     if weight.dim() != 2:
         raise ValueError(f"{name}: LDU needs a 2-D weight, got shape {tuple(weight.shape)}")
     out_f, in_f = weight.shape
-    if not 1 <= rank <= min(out_f, in_f):
-        raise ValueError(
-            f"{name}: rank must be in [1, min(out, in)] = [1, {min(out_f, in_f)}] for weight shape "
-            f"{tuple(weight.shape)}, got {rank}"
-        )
+    rank = check_rank(rank, name, (out_f, in_f))
     if weight.device.type == "meta":
         raise ValueError(f"{name}: weight is on the meta device; load real weights before adding LoLDU")
     w = weight.detach()
@@ -48,7 +51,7 @@ def ldu_factors(weight: torch.Tensor, rank: int, name: str = "weight") -> LDUFac
         raise ValueError(f"{name}: weight of shape {tuple(weight.shape)} contains NaN or Inf")
     # Only the first `rank` columns and the `rank` pivot rows are ever read: copy just those.
     cols = w[:, :rank].to(device="cpu", dtype=torch.float64)
-    tol = max(out_f, in_f) * torch.finfo(torch.float64).eps * float(w.abs().max())
+    eps = torch.finfo(w.dtype).eps if w.dtype.is_floating_point else torch.finfo(torch.float32).eps
 
     # The first `rank` pivots of a row-pivoted LU depend only on the first `rank` columns: factor that panel,
     # then get the pivot rows of U for the remaining columns by one unit-triangular solve.
@@ -69,6 +72,11 @@ def ldu_factors(weight: torch.Tensor, rank: int, name: str = "weight") -> LDUFac
     L[torch.tensor(perm)] = L_perm  # fold P into L's rows: row perm[i] of L is row i of the permuted L
 
     D = torch.diagonal(U_raw).clone()
+    largest = float(D.abs().max())
+    if largest > MAX_PIVOT:
+        raise ValueError(f"{name}: weight of shape {tuple(weight.shape)} has LU pivots up to {largest:.3g}, beyond "
+                         f"what LoLDU's float32 diagonal can hold ({MAX_PIVOT:.3g}); rescale the weight")
+    tol = LOST_PIVOT_EPS.get(w.dtype, 16.0) * eps * largest
     usable = (D.abs() > tol) & (D.abs() * MAX_U_GROWTH >= U_raw.abs().amax(dim=1))
     U = U_raw / torch.where(usable, D, torch.ones_like(D))[:, None]
     # Unusable pivot: a unit direction with D = 0 (it starts at zero and cannot overflow any dtype).
@@ -98,14 +106,37 @@ def weight_checksum(weight: torch.Tensor) -> str:
     return hashlib.sha256(data.tobytes()).hexdigest()
 
 
+SKETCH_PROBES = 8
+
+
+def weight_sketch(weight: torch.Tensor) -> torch.Tensor:
+    """[||W||_F, u_1^T W v_1, ..., u_k^T W v_k] in float64 for fixed Gaussian probes (seeded by the shape).
+
+    It sees every entry, where the pivots see only the first rank columns: a base whose other columns changed
+    moves it by ~||delta W||_F, while a dtype cast of the same weight moves it by about that dtype's rounding.
+    """
+    w = weight.detach()
+    out_f, in_f = w.shape
+    gen = torch.Generator().manual_seed(out_f * 1_000_003 + in_f)
+    u = torch.randn(out_f, SKETCH_PROBES, generator=gen, dtype=torch.float64).to(w.device)
+    v = torch.randn(in_f, SKETCH_PROBES, generator=gen, dtype=torch.float64).to(w.device)
+    sketch = torch.zeros(SKETCH_PROBES + 1, dtype=torch.float64, device=w.device)
+    step = max(1, (1 << 23) // max(in_f, 1))  # rows per chunk: at most 64 MB of float64 at a time
+    for start in range(0, out_f, step):
+        chunk = w[start:start + step].to(torch.float64)
+        sketch[0] += chunk.pow(2).sum()
+        sketch[1:] += ((chunk @ v) * u[start:start + step]).sum(0)
+    sketch[0] = sketch[0].sqrt()
+    return sketch.cpu()
+
+
 def initial_diagonal(D: torch.Tensor, init: str, seed: int, name: str = "weight") -> torch.Tensor:
     """The starting diagonal z0 (float32) for an init mode.
 
     Random inits draw from a generator seeded by ``seed`` and the pivot values, so the same base weight
     always gives the same z0: an adapter file then needs only z and sigma to reproduce the layer.
     """
-    if init not in INITS:
-        raise ValueError(f"{name}: init must be one of {INITS}, got {init!r}")
+    check_init(init, name)
     D = D.to(torch.float64)
     if init == "lu":
         return D.to(torch.float32)

@@ -81,7 +81,7 @@ def test_non_finite_weight_is_refused(bad, match):
 
 @pytest.mark.parametrize("r", [0, 6, -1])
 def test_rank_out_of_range_is_refused(r):
-    with pytest.raises(ValueError, match=r"my\.layer: rank must be in \[1, min\(out, in\)\] = \[1, 5\]"):
+    with pytest.raises(ValueError, match=r"my\.layer: rank must be an int in \[1, min\(out, in\)\] = \[1, 5\]"):
         ldu_factors(torch.randn(5, 8), r, name="my.layer")
 
 
