@@ -12,10 +12,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .config import check_backend
 from .planner import plan
 from .quant import QUANTIZED_DTYPES, dequantize
-
-BACKENDS = ("auto", "torch", "triton")
 
 
 def _kernels():
@@ -26,8 +25,7 @@ def _kernels():
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """"auto" takes the Triton kernels for CUDA tensors when triton imports; "triton" never falls back."""
-    if backend not in BACKENDS:
-        raise ValueError(f"loldu_linear: backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend, "loldu_linear")
     if backend == "torch" or (backend == "auto" and not x.is_cuda):
         return "torch"
     try:
@@ -39,13 +37,24 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return "triton"
 
 
+def shrink_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of t = x U^T. float16's range is too small for it: U grows as 1/pivot (up to 2^14), so a
+    small pivot makes x U^T overflow even where x W^T does not, and at init inf * (e == 0) would be NaN."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _shrink_t(x2, U):
+    dtype = shrink_dtype(x2.dtype)
+    return F.linear(x2, U) if dtype == x2.dtype else F.linear(x2.to(dtype), U.to(dtype))
+
+
 def _torch_forward(x2, weight, bias, L, U, e, rows, need_t=True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(y, t); the merged route computes t = x U^T only when backward needs it (at full rank it costs a GEMM)."""
     (N, K), r = weight.shape, e.shape[-1]
     if rows is None and plan(x2.shape[0], K, N, r, x2.element_size(), x2.device.type,
                              fused_epilogue=False) == "merged":
-        return F.linear(x2, _torch_merge(weight, L, U, e), bias), F.linear(x2, U) if need_t else None
-    t = F.linear(x2, U)
+        return F.linear(x2, _torch_merge(weight, L, U, e), bias), _shrink_t(x2, U) if need_t else None
+    t = _shrink_t(x2, U)
     y = F.linear(x2, weight, bias)
     y.addmm_((t * (e if rows is None else e[rows])).to(y.dtype), L.T)
     return y, t
@@ -55,7 +64,8 @@ def _torch_backward(dy2, t, weight, L, U, e, rows, need_dx: bool, need_grad_e: b
     v = dy2 @ L
     grad_e = None
     if need_grad_e:
-        tv = t.float() * v.float()
+        acc = torch.promote_types(t.dtype, torch.float32)  # fp32 accumulation, float64 kept
+        tv = t.to(acc) * v.to(acc)
         grad_e = tv.sum(0) if rows is None else torch.zeros_like(e).index_add_(0, rows, tv)
     dx2 = None
     if need_dx:
@@ -89,41 +99,57 @@ def _forward(x2, weight, bias, L, U, e, rows, scale, backend, need_t=True):
 
 
 class LoLDULinearFunction(torch.autograd.Function):
+    """Returns (y, t). t = x U^T is an output as well as the saved tensor: grad_e = sum(t * dY L) depends on
+    x through t, so a double backward (create_graph=True) reaches x through this Function's own backward."""
+
     @staticmethod
     def forward(ctx, x2, weight, bias, L, U, e, rows, scale, backend):
         y2, t = _forward(x2, weight, bias, L, U, e, rows, scale, backend)
         # x itself is kept only when a gradient of the frozen weight or U is asked for.
         needs_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[4]
         ctx.save_for_backward(t, weight, L, U, e, rows, scale, x2 if needs_x else None)
+        ctx.set_materialize_grads(False)  # dt is None unless something used t: no zero tensor to add
         ctx.backend = backend
-        return y2
+        ctx.x_dtype = x2.dtype
+        return y2, t
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, dt):
         t, weight, L, U, e, rows, scale, x2 = ctx.saved_tensors
         need_x, need_w, need_b, need_l, need_u, need_e = ctx.needs_input_grad[:6]
-        dy2 = dy  # the Function's output is 2-D
-        if ctx.backend == "triton" and need_x:
-            kernels = _kernels()
-            dx2, grad_e = (kernels.backward(dy2, t, weight, L, U, e, weight_scale=scale) if rows is None
-                           else kernels.backward_rows(dy2, t, weight, L, U, e, rows, scale))
-        else:  # no dX wanted (a first layer): grad_e alone is two small GEMMs, not worth a kernel's dX GEMM
-            dense = _dense(weight, scale, dy2.dtype) if need_x else weight
-            dx2, grad_e = _torch_backward(dy2, t, dense, L, U, e, rows, need_x, need_e)
-        e_rows = e if rows is None else e[rows]
-        dx = dx2 if need_x else None
-        grad_w = (dy2.T @ x2).to(weight.dtype) if need_w else None
-        grad_b = dy2.sum(0) if need_b else None
-        grad_l = (dy2.T @ (t * e_rows).to(dy2.dtype)).to(L.dtype) if need_l else None
-        grad_u = None
-        if need_u:
-            v = dy2 @ L
-            grad_u = ((v * e_rows).to(dy2.dtype).T @ x2).to(U.dtype)
-        return dx, grad_w, grad_b, grad_l, grad_u, grad_e if need_e else None, None, None, None
+        # Under create_graph the backward itself is differentiated: only PyTorch ops record that graph.
+        differentiable = torch.is_grad_enabled()
+        dx = grad_w = grad_b = grad_l = grad_u = grad_e = None
+        if dy is not None:
+            if ctx.backend == "triton" and need_x and not differentiable:
+                kernels = _kernels()
+                dx, grad_e = (kernels.backward(dy, t, weight, L, U, e, weight_scale=scale) if rows is None
+                              else kernels.backward_rows(dy, t, weight, L, U, e, rows, scale))
+            else:  # no dX wanted (a first layer): grad_e alone is two small GEMMs, not worth a kernel's dX GEMM
+                dense = _dense(weight, scale, dy.dtype) if need_x else weight
+                dx, grad_e = _torch_backward(dy, t, dense, L, U, e, rows, need_x, need_e)
+            e_rows = e if rows is None else e[rows]
+            grad_w = (dy.T @ x2).to(weight.dtype) if need_w else None
+            grad_b = dy.sum(0) if need_b else None
+            grad_l = (dy.T @ (t * e_rows).to(dy.dtype)).to(L.dtype) if need_l else None
+            if need_u:
+                grad_u = (((dy @ L) * e_rows).to(dy.dtype).T @ x2).to(U.dtype)
+        if dt is not None:  # only in a double backward: t = x U^T
+            if need_x:
+                dx_t = (dt @ U.to(dt.dtype)).to(ctx.x_dtype)
+                dx = dx_t if dx is None else dx + dx_t
+            if need_u:
+                grad_u_t = (dt.T @ x2.to(dt.dtype)).to(U.dtype)
+                grad_u = grad_u_t if grad_u is None else grad_u + grad_u_t
+        return (dx if need_x else None), grad_w, grad_b, grad_l, grad_u, (grad_e if need_e else None), None, None, None
 
 
 def check_operands(x, weight, bias, L, U, e, name: str = "loldu_linear", weight_scale=None) -> None:
     out_f, in_f = weight.shape
+    if x.dim() == 0:
+        raise ValueError(f"{name}: input is a 0-d tensor; a linear layer needs at least one dim of {in_f} features")
+    if x.device != weight.device:
+        raise ValueError(f"{name}: input is on {x.device}, the layer's weight on {weight.device}")
     rank = e.shape[-1] if e.dim() in (1, 2) else -1
     if x.shape[-1] != in_f:
         raise ValueError(f"{name}: input of shape {tuple(x.shape)} has last dim {x.shape[-1]}, expected {in_f}")
@@ -142,6 +168,27 @@ def check_operands(x, weight, bias, L, U, e, name: str = "loldu_linear", weight_
             raise ValueError(f"{name}: input dtype {x.dtype} differs from the layer's compute dtype {L.dtype}")
     elif x.dtype != weight.dtype:
         raise ValueError(f"{name}: input dtype {x.dtype} differs from weight dtype {weight.dtype}")
+
+
+def check_rows(rows, e: torch.Tensor, m: int, device: torch.device, name: str) -> None:
+    """rows must pick a row of the (adapters, r) table e for each of the m input rows; out-of-range indices
+    would read other memory in a kernel. (Costs a host sync on GPU: layers build their rows themselves.)"""
+    if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or rows.shape != (m,):
+        got = f"{rows.dtype} {tuple(rows.shape)}" if isinstance(rows, torch.Tensor) else type(rows).__name__
+        raise ValueError(f"{name}: rows must be an int64 tensor of shape ({m},), one per input row; got {got}")
+    if rows.device != device:
+        raise ValueError(f"{name}: rows is on {rows.device}, the input on {device}")
+    if m and (int(rows.min()) < 0 or int(rows.max()) >= e.shape[0]):
+        raise ValueError(f"{name}: rows must be in [0, {e.shape[0]}) (the table has {e.shape[0]} adapters); "
+                         f"got values in [{int(rows.min())}, {int(rows.max())}]")
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
 
 
 def loldu_linear(
@@ -170,10 +217,17 @@ def loldu_linear(
     """
     if (rows is None) != (e.dim() == 1):
         raise ValueError(f"{name}: pass e of shape (r,), or an (adapters, r) table together with rows")
+    if rows is not None and x.dim() > 0:
+        check_rows(rows, e, x.shape[:-1].numel(), x.device, name)
+    return _loldu_linear(x, weight, bias, L, U, e, backend, rows, weight_scale, name)
+
+
+def _loldu_linear(x, weight, bias, L, U, e, backend, rows, weight_scale, name):
+    """loldu_linear with rows already known to be valid (a layer builds them)."""
     device_type = x.device.type
     autocast_off = contextlib.nullcontext()
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = _autocast_dtype(device_type)
+    if dtype is not None:
         x, L, U = (t.to(dtype) for t in (x, L, U))
         weight = weight if weight_scale is not None else weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
@@ -187,7 +241,7 @@ def loldu_linear(
         t is not None and t.requires_grad for t in (x, weight, bias, L, U, e))
     with autocast_off:
         # Without autograd (inference, decode) the custom Function's own overhead is skipped.
-        y2 = LoLDULinearFunction.apply(*operands) if needs_grad else _forward(*operands, need_t=False)[0]
+        y2 = LoLDULinearFunction.apply(*operands)[0] if needs_grad else _forward(*operands, need_t=False)[0]
     return y2 if x.dim() == 2 else y2.reshape(*x.shape[:-1], y2.shape[-1])
 
 
