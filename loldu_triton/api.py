@@ -9,8 +9,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
-from .layer import LOLDU_LAYERS, LoLDULayer, LoLDULinear, LoLDUMixin
+from .config import check_backend, check_quantization, check_settings
+from .layer import LOLDU_LAYERS, LoLDULayer, LoLDULinear, LoLDUMixin, batch_rows_scope
 
 
 class LoLDUParametrization(LoLDUMixin, nn.Module):
@@ -64,6 +66,12 @@ def _why_not_adaptable(name: str, module: nn.Module, parent: Optional[nn.Module]
         return f"{type(module).__name__} is not an nn.Linear, nn.Conv2d or nn.Embedding"
     if isinstance(module, LoLDULayer):
         return None
+    if parametrize.is_parametrized(module):
+        return ("its weight is computed by a parametrization (weight_norm, spectral_norm, ...), which LoLDU "
+                "would bypass; remove it first (torch.nn.utils.parametrize.remove_parametrizations)")
+    if not isinstance(module._parameters.get("weight"), nn.Parameter):
+        return ("its weight is not a plain parameter (the legacy torch.nn.utils.weight_norm recomputes it in a "
+                "hook); remove that first (torch.nn.utils.remove_weight_norm)")
     if "forward" in vars(module):
         return ("its forward is replaced on the instance (an accelerate hook, say), which LoLDU would bypass; "
                 "add LoLDU before dispatching the model to devices")
@@ -74,9 +82,12 @@ def _why_not_adaptable(name: str, module: nn.Module, parent: Optional[nn.Module]
     return None
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), attr, new)
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is registered in ``model``: a module shared under several names stays shared."""
+    for parent in list(model.modules()):
+        for key, child in parent._modules.items():
+            if child is old:
+                parent._modules[key] = new
 
 
 def _select_targets(model, target_modules,
@@ -86,7 +97,8 @@ def _select_targets(model, target_modules,
     None and "all-linear" take the layers ``by_type`` accepts (nn.Linear), leaving out with a warning those
     LoLDU cannot stand in for; names and regexes may also pick nn.Conv2d and nn.Embedding layers, as in PEFT,
     and naming a layer LoLDU cannot stand in for is an error."""
-    modules = dict(model.named_modules())
+    # Every name, aliases included (a module registered twice answers to both); duplicates dropped at the end.
+    modules = dict(model.named_modules(remove_duplicate=False))
     parents = {f"{p}.{c}" if p else c: m for p, m in modules.items() for c, _ in m.named_children()}
 
     def reason(name):
@@ -122,6 +134,8 @@ def _select_targets(model, target_modules,
                 raise ValueError(f"add_loldu: cannot adapt {n!r}: {reason(n)}")
     if not chosen:
         raise ValueError("add_loldu: the model has no layer to adapt")
+    seen = set()
+    chosen = [n for n in chosen if id(modules[n]) not in seen and not seen.add(id(modules[n]))]
     existing = [n for n in chosen if isinstance(modules[n], LoLDULayer)]
     return [n for n in chosen if n not in existing], existing
 
@@ -166,8 +180,10 @@ def add_loldu(
     """
     if (loldu_config is None) == (rank is None):
         raise ValueError("add_loldu: pass either loldu_config or rank=, not both and not neither")
-    if rank is not None and rank != "full" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"add_loldu: rank must be a positive int or 'full', got {rank!r}")
+    if rank is not None:
+        rank, alpha, init, init_seed = check_settings("add_loldu", rank, alpha, init, init_seed, allow_full=True)
+    check_backend(backend, "add_loldu")
+    check_quantization(base_quantization, "add_loldu")
     if base_type(model) is not None:
         raise ValueError(f"add_loldu: the model itself is a {type(model).__name__}; use "
                          f"LoLDULinear.from_base(layer, rank) (or LoLDUConv2d / LoLDUEmbedding)")
@@ -183,7 +199,7 @@ def add_loldu(
         warnings.warn(f"add_loldu: {existing} already have LoLDU; left as they are (adapters never stack)",
                       stacklevel=2)
 
-    built: Dict[str, LoLDULayer] = {}
+    built: Dict[str, Tuple[nn.Module, LoLDULayer]] = {}
     for name in targets:
         module = model.get_submodule(name)
         cls = LOLDU_LAYERS[base_type(module)]
@@ -209,10 +225,10 @@ def add_loldu(
                 raise ValueError(f"add_loldu: base_quantization covers nn.Linear layers; {name!r} is a "
                                  f"{layer.base_class.__name__}")
             layer.quantize_base(base_quantization)
-        built[name] = layer
-    for name, layer in built.items():
+        built[name] = (module, layer)
+    for module, layer in built.values():
         layer.freeze_base()
-        _replace(model, name, layer)
+        _replace(model, module, layer)
     return model
 
 
@@ -252,10 +268,11 @@ def enable_loldu(model: nn.Module) -> None:
 
 
 def _unwrap(model: nn.Module, merge: bool) -> None:
-    for name, layer in loldu_layers(model):
-        if not name:
-            raise ValueError(f"the model itself is a {type(layer).__name__}; use its to_base(merge=...) method")
-        _replace(model, name, layer.to_base(merge))
+    layers = loldu_layers(model)
+    if any(not name for name, _ in layers):
+        raise ValueError(f"the model itself is a {type(model).__name__}; use its to_base(merge=...) method")
+    for _, layer in layers:
+        _replace(model, layer, layer.to_base(merge))
 
 
 def remove_loldu(model: nn.Module) -> None:
@@ -286,6 +303,10 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator[
     diagonal is gathered per row. A layer an adapter does not cover runs as its base for that adapter's rows.
     Leaving the context restores the model as it was.
     """
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
+        raise ValueError(f"adapter_batch: names must be a sequence with one adapter name (or None) per batch "
+                         f"element, got {type(names).__name__} {names!r}")
+    names = list(names)  # (a generator is read once, here)
     layers = loldu_layers(model)
     if not layers:
         raise ValueError("adapter_batch: the model has no LoLDU layer")
@@ -294,16 +315,14 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator[
             raise ValueError(f"adapter_batch: layer {name!r} is a {type(layer).__name__}; mixed-adapter batches "
                              f"support LoLDULinear layers only")
     known = {None, "default"}.union(*(layer.adapter_names for _, layer in layers))
+    bad = [n for n in names if n is not None and not isinstance(n, str)]
+    if bad:
+        raise ValueError(f"adapter_batch: each name must be a string or None, got {bad[0]!r}")
     unknown = sorted({n for n in names if n not in known})
     if unknown:
         raise ValueError(f"adapter_batch: unknown adapters {unknown}; the model has "
                          f"{sorted(k for k in known if k is not None)}")
-    previous = [(layer, layer.batch_rows) for _, layer in layers]
-    try:
-        for _, layer in layers:
-            layer.batch_rows = torch.tensor([layer.batch_table_row(n) for n in names], dtype=torch.int64,
-                                            device=layer.weight.device)
+    rows = {layer: torch.tensor([layer.batch_table_row(n) for n in names], dtype=torch.int64,
+                                device=layer.weight.device) for _, layer in layers}
+    with batch_rows_scope(rows):
         yield model
-    finally:
-        for layer, rows in previous:
-            layer.batch_rows = rows

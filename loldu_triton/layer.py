@@ -2,21 +2,47 @@
 of their weight (viewed as a matrix: out x in, out x (in * kh * kw), num_embeddings x dim)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
-import numbers
-from typing import Dict, Optional
+import threading
+import warnings
+from typing import Dict, Iterator, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .factorize import initial_diagonal, ldu_factors, warn_if_rank_deficient, weight_checksum
-from .functional import loldu_linear, loldu_merge
-from .quant import dequantize, quantize_weight
+from .config import check_backend, check_quantization, check_settings
+from .factorize import initial_diagonal, ldu_factors, warn_if_rank_deficient, weight_checksum, weight_sketch
+from .functional import _loldu_linear, loldu_merge
+from .quant import QUANTIZED_DTYPES, dequantize, quantize_weight
 
 # Adapter tensors kept in float32 whatever the layer's dtype: the trained ones and their initial values.
 _FLOAT32_STATE = ("d", "s", "d0", "s0")
 _FACTOR_BUFFERS = ("L", "U", "pivots", "pivot_values", "d0", "s0")
+# The per-row adapter choice of adapter_batch, {layer: table row per batch element}. A context variable, not
+# layer state: each thread (and asyncio task) sees only the batches it entered itself.
+_BATCH_ROWS: contextvars.ContextVar[Dict[nn.Module, torch.Tensor]] = contextvars.ContextVar("loldu_batch_rows",
+                                                                                            default={})
+# How many adapter_batch contexts are open in any thread. While none is, forward skips the lookup, which
+# torch.compile cannot trace.
+_open_batches = [0]
+_open_batches_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def batch_rows_scope(rows: Dict[nn.Module, torch.Tensor]) -> Iterator[None]:
+    """Within the block, in this thread or task only, ``layer`` uses ``rows[layer]`` per batch element."""
+    with _open_batches_lock:
+        _open_batches[0] += 1
+    token = _BATCH_ROWS.set({**_BATCH_ROWS.get(), **rows})
+    try:
+        yield
+    finally:
+        _BATCH_ROWS.reset(token)
+        with _open_batches_lock:
+            _open_batches[0] -= 1
 
 
 class LoLDUMixin:
@@ -26,10 +52,11 @@ class LoLDUMixin:
     """
 
     def _init_loldu(self, weight2d, rank, alpha, init, init_seed, name, source=None):
-        self.rank = int(rank)
-        self.alpha = float(self.rank if alpha is None else alpha)
+        rank, alpha, init, init_seed = check_settings(name, rank, alpha, init, init_seed, tuple(weight2d.shape))
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
         self.init = init
-        self.init_seed = int(init_seed)
+        self.init_seed = init_seed
         self.loldu_name = name
         self.loldu_enabled = True
         self.d = nn.Parameter(torch.empty(self.rank, dtype=torch.float32, device=weight2d.device))
@@ -41,22 +68,38 @@ class LoLDUMixin:
         else:  # take over the factors and values of another adapter of the same weight
             for buf in _FACTOR_BUFFERS:
                 self.register_buffer(buf, getattr(source, buf), persistent=False)
+            self._adjust_factors()
             with torch.no_grad():
                 self.d.copy_(source.d)
                 self.s.copy_(source.s)
 
     def _refactorize(self, weight2d: torch.Tensor) -> None:
         """(Re)compute the frozen factors and the initial diagonal from the base weight."""
-        factors = ldu_factors(weight2d, self.rank, self.loldu_name)
-        warn_if_rank_deficient(factors, self.loldu_name)
-        dev, dtype = weight2d.device, weight2d.dtype
-        d0 = initial_diagonal(factors.D, self.init, self.init_seed, self.loldu_name)
-        self.register_buffer("L", factors.L.to(dev, dtype), persistent=False)
-        self.register_buffer("U", factors.U.to(dev, dtype), persistent=False)
-        self.register_buffer("pivots", factors.pivots.to(dev), persistent=False)
-        self.register_buffer("pivot_values", factors.D.to(dev, torch.float32), persistent=False)
-        self.register_buffer("d0", d0.to(dev), persistent=False)
+        if getattr(self, "adapter_names", ()):  # their e vectors belong to the old factors
+            warnings.warn(f"{self.loldu_name}: the base weight changed; named adapters {list(self.adapter_names)} "
+                          f"were trained on the old one and are dropped", stacklevel=3)
+            self.adapter_names = ()
+            self._buffers.pop("adapter_table", None)
+        dev, dtype, rank = weight2d.device, weight2d.dtype, self.rank
+        if weight2d.is_meta:  # deferred init: shapes only; loading real weights (load_state_dict) factorizes
+            out_f, in_f = weight2d.shape
+            factors = dict(L=torch.empty(out_f, rank), U=torch.empty(rank, in_f), D=torch.empty(rank),
+                           pivots=torch.empty(rank, dtype=torch.int64), d0=torch.empty(rank))
+        else:
+            ldu = ldu_factors(weight2d, rank, self.loldu_name)
+            warn_if_rank_deficient(ldu, self.loldu_name)
+            factors = dict(L=ldu.L, U=ldu.U, D=ldu.D, pivots=ldu.pivots,
+                           d0=initial_diagonal(ldu.D, self.init, self.init_seed, self.loldu_name))
+        self.register_buffer("L", factors["L"].to(dev, dtype), persistent=False)
+        self.register_buffer("U", factors["U"].to(dev, dtype), persistent=False)
+        self.register_buffer("pivots", factors["pivots"].to(dev), persistent=False)
+        self.register_buffer("pivot_values", factors["D"].to(dev, torch.float32), persistent=False)
+        self.register_buffer("d0", factors["d0"].to(dev, torch.float32), persistent=False)
         self.register_buffer("s0", torch.full((1,), self.alpha / self.rank, device=dev), persistent=False)
+        self._adjust_factors()
+
+    def _adjust_factors(self) -> None:
+        """Layer-specific changes to freshly set factors (none by default)."""
 
     @torch.no_grad()
     def reset_loldu(self) -> None:
@@ -147,16 +190,10 @@ class LoLDULayer(LoLDUMixin):
             self._base_state = (set(self.__dict__), set(self._parameters), set(self._buffers))
         out_f, in_f = self.weight2d().shape
         name = name or f"{type(self).__name__}({out_f}x{in_f})"
-        limit = min(out_f, in_f)
-        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= limit:
-            raise ValueError(
-                f"{name}: rank must be an int in [1, min(out, in)] = [1, {limit}] for weight "
-                f"{out_f}x{in_f}, got {rank!r}"
-            )
+        self.backend = check_backend(backend, name)
         self._check_supported(name)
-        self.backend = backend
         self.base_requires_grad = (self.weight.requires_grad, self.bias is not None and self.bias.requires_grad)
-        self._init_loldu(self.weight2d(), rank, alpha, init, init_seed, name, source)
+        self._init_loldu(self.factor_weight(), rank, alpha, init, init_seed, name, source)
         if freeze:
             self.freeze_base()
 
@@ -169,13 +206,23 @@ class LoLDULayer(LoLDUMixin):
             self.bias.requires_grad_(False)
 
     base_quantization: Optional[str] = None  # "int8" / "fp8" once quantize_base() ran
-    base_checksum: Optional[str] = None  # sha256 of the unquantized base weight, kept when quantizing
+    # The identity of the unquantized base, kept when quantizing it: (sha256, sketch, dtype name).
+    base_identity: Optional[tuple] = None
 
-    def base_weight_checksum(self) -> str:
-        """The identity of the base weight (of the unquantized one, for a quantized base)."""
-        if self.base_quantization is None:
-            return weight_checksum(self.weight)
-        return self.base_checksum or weight_checksum(self.dense_weight())
+    def base_fingerprint(self) -> tuple:
+        """(sha256, weight_sketch, precision) of the base weight: of the unquantized one where the layer
+        quantized it; the precision names the dtype (or quantization) whose rounding the sketch carries."""
+        if self.base_identity is not None:
+            return self.base_identity
+        if self.weight.is_meta:
+            raise ValueError(f"{self.loldu_name}: the base weight is on the meta device; load real weights first")
+        precision = self.base_quantization or str(self.weight.dtype).replace("torch.", "")
+        return weight_checksum(self.weight), weight_sketch(self.factor_weight()), precision
+
+    def factor_weight(self) -> torch.Tensor:
+        """The 2-D weight the factors come from: the weight, or a quantized one dequantized (its unquantized
+        weight is gone)."""
+        return self.dense_weight().reshape(self.weight.shape[0], -1)
 
     def dense_weight(self) -> torch.Tensor:
         """W0 in the compute dtype: the weight itself, or the quantized one dequantized."""
@@ -217,12 +264,16 @@ class LoLDULayer(LoLDUMixin):
             raise ValueError(f"{self.loldu_name}: holds a quantized ({self.base_quantization}) base; a "
                              f"{incoming.dtype} weight cannot be loaded into it. Load the full-precision "
                              f"checkpoint before add_loldu(..., base_quantization=...)")
+        if self.base_quantization is None and incoming is not None and incoming.dtype in QUANTIZED_DTYPES:
+            raise ValueError(f"{self.loldu_name}: the checkpoint holds a quantized ({incoming.dtype}) weight and "
+                             f"this layer's base is not quantized; its codes would be read as weights. Use "
+                             f"add_loldu(..., base_quantization=...) with the same kind before loading it")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if incoming is not None:
             # A new base weight: its factors change, and a fresh adapter must again start at e == 0. A quantized
             # checkpoint has no unquantized weight: its factors come from the dequantized one.
-            self.base_checksum = None
-            self._refactorize(self.dense_weight().reshape(self.weight.shape[0], -1))
+            self.base_identity = None
+            self._refactorize(self.factor_weight())
             if prefix + "d" not in state_dict:
                 self.reset_loldu()
 
@@ -272,6 +323,9 @@ class LoLDULinear(LoLDULayer, nn.Linear):
         return cls.from_base(linear, rank, alpha, init, init_seed, backend, name, freeze)
 
     def reset_parameters(self) -> None:
+        if self.base_quantization is not None:
+            raise ValueError(f"{self.loldu_name}: reset_parameters would redraw a quantized ({self.base_quantization}) "
+                             f"base; build a new layer instead")
         nn.Linear.reset_parameters(self)
         if hasattr(self, "d"):  # nn.Linear.__init__ calls this before the adapter exists
             self._refactorize(self.weight)
@@ -280,7 +334,6 @@ class LoLDULinear(LoLDULayer, nn.Linear):
     # Named adapters (frozen, for serving several in one batch): their e vectors, one row each. Row 0 of the
     # table a batch uses is "no adapter" (zeros) and row 1 the trainable default adapter.
     adapter_names: tuple = ()
-    batch_rows: Optional[torch.Tensor] = None  # set by adapter_batch: a table row per batch element
 
     def set_named_adapter(self, name: str, e: torch.Tensor) -> None:
         """Store (or replace) the e vector of a named adapter of this layer."""
@@ -310,10 +363,13 @@ class LoLDULinear(LoLDULayer, nn.Linear):
         quantized base. The unquantized weight is released once nothing else holds it."""
         if self.base_quantization is not None:
             raise ValueError(f"{self.loldu_name}: the base is already quantized ({self.base_quantization})")
+        check_quantization(kind, self.loldu_name)
+        if kind is None:
+            raise ValueError(f"{self.loldu_name}: quantize_base needs a kind, 'int8' or 'fp8'")
         if kind == "fp8" and self.weight.is_cuda and torch.cuda.get_device_capability(self.weight.device) < (8, 9):
             raise ValueError(f"{self.loldu_name}: fp8 (e4m3) needs a GPU of compute capability 8.9 or newer")
         values, scale = quantize_weight(self.weight, kind, self.loldu_name)
-        self.base_checksum = weight_checksum(self.weight)
+        self.base_identity = self.base_fingerprint()
         self.weight = nn.Parameter(values, requires_grad=False)
         self.register_buffer("weight_scale", scale)
         self.base_quantization = kind
@@ -324,16 +380,18 @@ class LoLDULinear(LoLDULayer, nn.Linear):
             return F.linear(x, self.dense_weight(), self.bias)
         e = self.loldu_scale()
         rows = None
-        if self.batch_rows is not None:
-            if x.dim() < 2 or x.shape[0] != self.batch_rows.shape[0]:
-                raise ValueError(f"{self.loldu_name}: adapter_batch has {self.batch_rows.shape[0]} names but the "
+        batch_rows = _BATCH_ROWS.get().get(self) if _open_batches[0] else None
+        if batch_rows is not None:
+            if x.dim() < 2 or x.shape[0] != batch_rows.shape[0]:
+                raise ValueError(f"{self.loldu_name}: adapter_batch has {batch_rows.shape[0]} names but the "
                                  f"input of shape {tuple(x.shape)} has {x.shape[0] if x.dim() else 0} rows")
+            self._check_width(x, -1, self.in_features, "last dim")
             named = getattr(self, "adapter_table", None)
             named = named if named is not None else e.new_empty(0, self.rank)
             e = torch.cat([torch.zeros_like(e)[None], e[None], named])
-            rows = self.batch_rows.repeat_interleave(x[0].numel() // self.in_features)
-        return loldu_linear(x, self.weight, self.bias, self.L, self.U, e, self.backend, rows=rows,
-                            weight_scale=getattr(self, "weight_scale", None), name=self.loldu_name)
+            rows = batch_rows.repeat_interleave(x[0].numel() // self.in_features)
+        return _loldu_linear(x, self.weight, self.bias, self.L, self.U, e, self.backend, rows,
+                             getattr(self, "weight_scale", None), self.loldu_name)
 
     def extra_repr(self) -> str:
         quantized = f", base={self.base_quantization}" if self.base_quantization else ""
@@ -366,6 +424,13 @@ class LoLDUEmbedding(LoLDULayer, nn.Embedding):
 
     base_class = nn.Embedding
     bias = None  # an embedding has none; the shared LoLDULayer code asks
+
+    def _adjust_factors(self) -> None:
+        # As in nn.Embedding, the padding row never changes: its row of L diag(e) U is zero.
+        if self.padding_idx is not None and not self.L.is_meta:
+            L = self.L.clone()  # (the factors may be shared with the parametrization they came from)
+            L[self.padding_idx] = 0
+            self.register_buffer("L", L, persistent=False)
 
     def _check_supported(self, name: str) -> None:
         if self.max_norm is not None:

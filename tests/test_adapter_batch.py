@@ -75,7 +75,10 @@ def test_wrong_length_unknown_name_and_mismatched_settings_are_errors(three_adap
     with pytest.raises(ValueError, match=r"adapter_batch has 3 names but the input of shape \(2, 5, 16\) has 2 rows"):
         with adapter_batch(serving, ["a", "b", None]):
             serving(torch.randn(2, 5, 16))
-    assert all(layer.batch_rows is None for layer in serving.modules() if hasattr(layer, "batch_rows"))
+    x = torch.randn(2, 5, 16)
+    with adapter_batch(serving, ["default", "default"]):
+        inside = serving(x)
+    assert torch.equal(serving(x), inside)  # after the error, the plain forward is the default adapter's again
     other = TinyLM()
     other.load_state_dict(base.state_dict())
     add_loldu(other, rank=2, target_modules=TARGETS)

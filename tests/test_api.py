@@ -229,7 +229,7 @@ def test_failure_part_way_leaves_the_model_exactly_as_it_was():
 
 
 def test_seed_config_errors_name_the_layer_and_reject_other_types():
-    with pytest.raises(ValueError, match=r"layer 'lm_head': .*rank must be in \[1, min\(out, in\)\] = \[1, 6\]"):
+    with pytest.raises(ValueError, match=r"layer 'lm_head': .*rank must be an int in \[1, min\(out, in\)\] = \[1, 6\]"):
         add_loldu(TinyLM(), loldu_config=seed_config(10))
     with pytest.raises(ValueError, match="supported layers are nn.Linear, nn.Conv2d and nn.Embedding"):
         add_loldu(TinyLM(), loldu_config={nn.LayerNorm: {"weight": lambda layer: None}})
