@@ -1,148 +1,388 @@
-"""Adapter files: adapter_config.json (settings and a fingerprint of each base weight) and
-adapter_model.safetensors (only d and s: (r + 1) float32 values per layer)."""
+"""Adapter files.
+
+One file, ``loldu_adapter.safetensors``, holds the whole adapter: per layer d and s (the r + 1 trained float32
+values), the LU pivot rows (int32) and a sketch of the base weight (float64, see factorize.weight_sketch), and
+in its metadata the settings as JSON and a sha256 over settings and tensor bytes. One file is replaced
+atomically, so a crash or a concurrent reader sees the old adapter or the new one, never a mix.
+
+The first format (``adapter_config.json`` + ``adapter_model.safetensors``) is still read.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
-import tempfile
+import secrets
+import stat
+import struct
 import warnings
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from ._version import __version__
 from .api import _replace, _why_not_adaptable, base_type, loldu_layers
+from .config import check_alpha, check_init, check_init_seed, check_rank
+from .factorize import SKETCH_PROBES
 from .layer import LOLDU_LAYERS, LoLDULayer
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_NAME = "loldu_adapter.safetensors"
+LEGACY_CONFIG_NAME = "adapter_config.json"
+LEGACY_WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "loldu-triton-adapter"
-FORMAT_VERSION = 1
-# A base weight whose pivots match but whose bytes differ (another dtype, rounding) is accepted, with a
-# warning, when its pivot values agree to this relative tolerance (bf16 rounding is ~4e-3).
+FORMAT_VERSION = 2
+LEGACY_FORMAT_VERSION = 1
+# Adapter files are tiny ((2r + 1) * 4 bytes a layer): anything larger than this is not one.
+MAX_FILE_BYTES = 1 << 30
+# Legacy format: a base whose pivots match but whose bytes differ is accepted, with a warning, when its pivot
+# values agree to this relative tolerance (bf16 rounding is ~4e-3).
 PIVOT_VALUE_RTOL = 1e-2
+# Unit roundoff of each precision a base can have; a sketch moves by about this much under a cast.
+ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8,
+            "int8": 2.0**-6, "fp8": 2.0**-4}
+SKETCH_TOLERANCE = 4.0  # x (roundoff here + roundoff there): ~13 standard deviations of a cast's change
 
 
-def _base_dtype(layer: LoLDULayer) -> str:
-    dtype = str(layer.dense_weight().dtype).replace("torch.", "")
-    return dtype if layer.base_quantization is None else f"{layer.base_quantization} ({dtype} compute)"
+def _where(path: Path, field: str = "") -> str:
+    return f"load_loldu: {path}" + (f": {field}" if field else "")
 
 
-def _fingerprint(layer: LoLDULayer) -> dict:
-    return {
-        "pivots": layer.pivots.tolist(),
-        "pivot_values": layer.pivot_values.tolist(),
-        "sha256": layer.base_weight_checksum(),
-        "dtype": _base_dtype(layer),
-    }
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    os.close(fd)
+def _read_regular_file(path: Path, what: str) -> bytes:
+    """The bytes of a regular file of at most MAX_FILE_BYTES, read in one go: never blocks on a FIFO, never
+    streams a device, and sees one version of a file that a save replaces meanwhile."""
     try:
-        write(tmp)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"load_loldu: no {what} at {path}") from None
+    except OSError as err:
+        raise ValueError(f"load_loldu: cannot open {path} ({err.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"load_loldu: {path} is not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise ValueError(f"load_loldu: {path} is {info.st_size} bytes, more than an adapter file can be "
+                             f"({MAX_FILE_BYTES})")
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"load_loldu: {path} grew past {MAX_FILE_BYTES} bytes while being read")
+    return data
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that the old file stays until the new one is complete and durable."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    # O_EXCL: never follows a link planted at the temporary name; 0o666 lets the umask decide the mode.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _checksum(config_text: str, tensor_bytes: bytes) -> str:
+    return hashlib.sha256(config_text.encode() + b"\0" + tensor_bytes).hexdigest()
+
+
+def _split(data: bytes, path: Path) -> Tuple[dict, bytes]:
+    """(header, tensor bytes) of a safetensors file, with its bounds checked."""
+    if len(data) < 8:
+        raise ValueError(f"load_loldu: {path} is truncated or corrupt (only {len(data)} bytes)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8:
+        raise ValueError(f"load_loldu: {path} is truncated or corrupt (header of {header_len} bytes in a file "
+                         f"of {len(data)})")
+    try:
+        header = json.loads(data[8:8 + header_len])
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"load_loldu: {path} is truncated or corrupt (header: {err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"load_loldu: {path} is truncated or corrupt (header is not an object)")
+    return header, data[8 + header_len:]
+
+
+def _tensors(data: bytes, path: Path) -> Dict[str, torch.Tensor]:
+    try:
+        return load_safetensors(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"load_loldu: {path} is truncated or corrupt ({err})") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _layer_record(layer: LoLDULayer, sha256: str, precision: str) -> dict:
+    return {
+        "rank": layer.rank,
+        "alpha": layer.alpha,
+        "init": layer.init,
+        "init_seed": layer.init_seed,
+        "type": layer.base_class.__name__,
+        "weight_shape": list(layer.weight.shape),
+        "base": {"sha256": sha256, "precision": precision},
+    }
+
+
+def _serialize(tensors: Dict[str, torch.Tensor], config_text: str) -> bytes:
+    """The file's bytes. The checksum covers the tensor bytes, which are the same with or without it."""
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": config_text}
+    draft = save_safetensors(tensors, metadata=metadata)
+    _, tensor_bytes = _split(draft, Path("<draft>"))
+    metadata["checksum"] = _checksum(config_text, tensor_bytes)
+    return save_safetensors(tensors, metadata=metadata)
 
 
 def save_loldu(model: nn.Module, directory) -> Path:
-    """Write the model's LoLDU adapter to ``directory`` (created if needed); returns the directory."""
+    """Write the model's LoLDU adapter to ``directory`` (created if needed); returns the directory.
+
+    The adapter goes into one file, replaced atomically: an interrupted save leaves the previous adapter as it
+    was. Non-finite values are refused before anything is written."""
     layers = loldu_layers(model)
     if not layers:
         raise ValueError("save_loldu: the model has no LoLDU layer")
     if any(not name for name, _ in layers):
         raise ValueError("save_loldu: the model itself is a LoLDU layer; save a module that contains it")
+    records, tensors = {}, {}
+    for name, layer in layers:
+        d, s = layer.d.detach().to("cpu", torch.float32), layer.s.detach().to("cpu", torch.float32).reshape(1)
+        if not (torch.isfinite(d).all() and torch.isfinite(s).all()):
+            raise ValueError(f"save_loldu: layer {name!r} has non-finite adapter values (d or s holds NaN or Inf); "
+                             f"nothing was written")
+        sha256, sketch, precision = layer.base_fingerprint()
+        records[name] = _layer_record(layer, sha256, precision)
+        tensors[f"{name}.d"] = d.contiguous()
+        tensors[f"{name}.s"] = s
+        tensors[f"{name}.pivots"] = layer.pivots.detach().to("cpu", torch.int32)
+        tensors[f"{name}.sketch"] = sketch
+    settings = {(r["rank"], r["alpha"], r["init"]) for r in records.values()}
+    common = next(iter(settings)) if len(settings) == 1 else (None, None, None)
+    config = {"library_version": __version__, "rank": common[0], "alpha": common[1], "init": common[2],
+              "target_modules": list(records), "layers": records}
+    data = _serialize(tensors, json.dumps(config, separators=(",", ":")))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    settings = {(layer.rank, layer.alpha, layer.init, layer.init_seed) for _, layer in layers}
-    common = next(iter(settings)) if len(settings) == 1 else (None, None, None, None)
-    config = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "library_version": __version__,
-        "rank": common[0],
-        "alpha": common[1],
-        "init": common[2],
-        "target_modules": [name for name, _ in layers],
-        "layers": {
-            name: {
-                "rank": layer.rank,
-                "alpha": layer.alpha,
-                "init": layer.init,
-                "init_seed": layer.init_seed,
-                "type": layer.base_class.__name__,
-                "weight_shape": list(layer.weight.shape),
-                "base": _fingerprint(layer),
-            }
-            for name, layer in layers
-        },
-    }
-    tensors = {}
-    for name, layer in layers:
-        tensors[f"{name}.d"] = layer.d.detach().to("cpu", torch.float32).contiguous()
-        tensors[f"{name}.s"] = layer.s.detach().to("cpu", torch.float32).reshape(1)
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1)))
+    _atomic_write(directory / ADAPTER_NAME, data)
+    _remove_legacy(directory)
     return directory
 
 
-def _read_config(path: Path) -> dict:
+def _remove_legacy(directory: Path) -> None:
+    """Drop a first-format adapter of ours that the new file supersedes (the new file wins anyway)."""
+    config = directory / LEGACY_CONFIG_NAME
     try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"load_loldu: no adapter config at {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        ours = json.loads(_read_regular_file(config, "config")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return  # absent, or not ours (a PEFT adapter, say): leave it
+    if ours:
+        for name in (LEGACY_WEIGHTS_NAME, LEGACY_CONFIG_NAME):
+            try:
+                os.remove(directory / name)
+            except FileNotFoundError:
+                pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading and checking
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _field(spec: dict, key: str, path: Path, where: str):
+    if key not in spec:
+        raise ValueError(f"{_where(path, where)} has no {key!r}")
+    return spec[key]
+
+
+def _check_layer_spec(name, spec, path: Path, legacy: bool) -> dict:
+    """The settings of one layer record, each checked; errors name the file, the layer and the field."""
+    where = f"layer {name!r}"
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{_where(path)}: layer names must be non-empty strings, got {name!r}")
+    if not isinstance(spec, dict):
+        raise ValueError(f"{_where(path, where)} must be an object, got {type(spec).__name__}")
+    rank = check_rank(_field(spec, "rank", path, where), f"{_where(path, where)}")
+    alpha = check_alpha(_field(spec, "alpha", path, where), f"{_where(path, where)}")
+    if alpha is None:
+        raise ValueError(f"{_where(path, where)}: alpha must be a positive finite number, got None")
+    init = check_init(_field(spec, "init", path, where), f"{_where(path, where)}")
+    init_seed = check_init_seed(_field(spec, "init_seed", path, where), f"{_where(path, where)}")
+    kind = _field(spec, "type", path, where)
+    if kind not in {base.__name__ for base in LOLDU_LAYERS}:
+        raise ValueError(f"{_where(path, where)}: type must be one of {sorted(b.__name__ for b in LOLDU_LAYERS)}, "
+                         f"got {kind!r}")
+    shape = _field(spec, "weight_shape", path, where)
+    if (not isinstance(shape, list) or len(shape) < 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+        raise ValueError(f"{_where(path, where)}: weight_shape must be a list of positive ints, got {shape!r}")
+    base = _field(spec, "base", path, where)
+    if not isinstance(base, dict) or not isinstance(base.get("sha256"), str):
+        raise ValueError(f"{_where(path, where)}: base must be an object with a 'sha256' string")
+    if legacy:
+        pivots, values = base.get("pivots"), base.get("pivot_values")
+        if (not isinstance(pivots, list) or not isinstance(values, list) or len(pivots) != rank
+                or len(values) != rank or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  and math.isfinite(v) for v in values)):
+            raise ValueError(f"{_where(path, where)}: base must hold {rank} pivots and {rank} finite pivot_values")
+    elif base.get("precision") not in ROUNDOFF:
+        raise ValueError(f"{_where(path, where)}: base precision must be one of {sorted(ROUNDOFF)}, "
+                         f"got {base.get('precision')!r}")
+    return {"rank": rank, "alpha": alpha, "init": init, "init_seed": init_seed, "type": kind,
+            "weight_shape": shape, "base": base}
+
+
+def _check_layers(config, path: Path, legacy: bool) -> Dict[str, dict]:
+    if not isinstance(config, dict):
+        raise ValueError(f"{_where(path)}: the adapter config must be a JSON object")
+    layers = config.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError(f"{_where(path)}: 'layers' must be an object of layer name -> record, got "
+                         f"{type(layers).__name__}")
+    if not layers:
+        raise ValueError(f"{_where(path)}: the adapter has no layers")
+    return {name: _check_layer_spec(name, spec, path, legacy) for name, spec in layers.items()}
+
+
+def _pivots(tensor: torch.Tensor, spec: dict, key: str, path: Path) -> list:
+    rows = spec["weight_shape"][0]
+    pivots = tensor.tolist()
+    if len(set(pivots)) != len(pivots) or not all(0 <= p < rows for p in pivots):
+        raise ValueError(f"{_where(path, key)} must be {len(pivots)} distinct rows in [0, {rows})")
+    return pivots
+
+
+def _check_tensors(tensors, layers: Dict[str, dict], path: Path, legacy: bool) -> None:
+    fields = {"d": torch.float32, "s": torch.float32}
+    if not legacy:
+        fields.update(pivots=torch.int32, sketch=torch.float64)
+    expected = {f"{name}.{f}" for name in layers for f in fields}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ValueError(f"{_where(path)} does not match its config (missing {missing}, unexpected {extra})")
+    for name, spec in layers.items():
+        shapes = {"d": (spec["rank"],), "s": (1,), "pivots": (spec["rank"],), "sketch": (SKETCH_PROBES + 1,)}
+        for field, dtype in fields.items():
+            key, t = f"{name}.{field}", tensors[f"{name}.{field}"]
+            if t.dtype != dtype or tuple(t.shape) != shapes[field]:
+                raise ValueError(f"{_where(path, key)} is {t.dtype} {tuple(t.shape)}, expected {dtype} "
+                                 f"{shapes[field]}")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"{_where(path, key)} contains NaN or Inf")
+        if legacy:
+            spec["pivots"] = spec["base"]["pivots"]
+        else:
+            spec["pivots"] = _pivots(tensors[f"{name}.pivots"], spec, f"{name}.pivots", path)
+            spec["sketch"] = tensors[f"{name}.sketch"]
+
+
+def _read_adapter(path: Path) -> Tuple[Dict[str, dict], Dict[str, torch.Tensor]]:
+    data = _read_regular_file(path, "adapter")
+    header, tensor_bytes = _split(data, path)
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise ValueError(f"{_where(path)} is not a loldu-triton adapter")
+    version = metadata.get("format_version")
+    if not isinstance(version, str) or not version.isdigit():
+        raise ValueError(f"{_where(path, 'format_version')} must be a number, got {version!r}")
+    if int(version) > FORMAT_VERSION:
+        raise ValueError(f"{_where(path)} has format version {version}, newer than this library "
+                         f"({__version__}) reads")
+    config_text, checksum = metadata.get("config"), metadata.get("checksum")
+    if not isinstance(config_text, str) or not isinstance(checksum, str):
+        raise ValueError(f"{_where(path)} lacks its config or checksum")
+    tensors = _tensors(data, path)  # first: a file cut short is reported as such
+    if _checksum(config_text, tensor_bytes) != checksum:
+        raise ValueError(f"{_where(path)} fails its checksum: the file was changed or damaged after it was saved")
+    try:
+        config = json.loads(config_text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{_where(path, 'config')} is not valid JSON ({err})") from None
+    layers = _check_layers(config, path, legacy=False)
+    _check_tensors(tensors, layers, path, legacy=False)
+    return layers, tensors
+
+
+def _read_legacy(directory: Path) -> Tuple[Dict[str, dict], Dict[str, torch.Tensor]]:
+    path = directory / LEGACY_CONFIG_NAME
+    try:
+        config = json.loads(_read_regular_file(path, "adapter config"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise ValueError(f"load_loldu: {path} is not valid JSON ({err})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"load_loldu: {path} is not a loldu-triton adapter config")
-    if config.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"load_loldu: {path} has format version {config['format_version']}, newer than this "
-                         f"library ({__version__}) reads")
-    return config
+    version = config.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"{_where(path, 'format_version')} must be an int, got {version!r}")
+    if version > LEGACY_FORMAT_VERSION:
+        raise ValueError(f"load_loldu: {path} has format version {version}, newer than this library "
+                         f"({__version__}) reads")
+    layers = _check_layers(config, path, legacy=True)
+    weights = directory / LEGACY_WEIGHTS_NAME
+    tensors = _tensors(_read_regular_file(weights, "adapter weights"), weights)
+    _check_tensors(tensors, layers, weights, legacy=True)
+    return layers, tensors
 
 
-def _read_tensors(path: Path, layers: dict) -> Dict[str, torch.Tensor]:
-    try:
-        tensors = load_file(str(path))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"load_loldu: no adapter weights at {path}") from None
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"load_loldu: {path} is truncated or corrupt ({err})") from None
-    expected = {f"{name}.{p}" for name in layers for p in ("d", "s")}
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise ValueError(f"load_loldu: {path} does not match its config (missing {missing}, unexpected {extra})")
-    for name, spec in layers.items():
-        for key, shape in ((f"{name}.d", (spec["rank"],)), (f"{name}.s", (1,))):
-            t = tensors[key]
-            if t.dtype != torch.float32 or tuple(t.shape) != shape:
-                raise ValueError(f"load_loldu: {path}: {key} is {t.dtype} {tuple(t.shape)}, expected float32 {shape}")
-            if not torch.isfinite(t).all():
-                raise ValueError(f"load_loldu: {path}: {key} contains NaN or Inf")
-    return tensors
+def read_adapter(directory) -> Tuple[Dict[str, dict], Dict[str, torch.Tensor]]:
+    """(layer records, tensors) of the adapter in ``directory``, every field checked."""
+    directory = Path(directory)
+    if os.path.lexists(directory / ADAPTER_NAME) or not os.path.lexists(directory / LEGACY_CONFIG_NAME):
+        return _read_adapter(directory / ADAPTER_NAME)
+    return _read_legacy(directory)
+
+
+def _sketch_gap(here: torch.Tensor, saved: torch.Tensor) -> float:
+    """How far two sketches differ, relative to the weight's Frobenius norm."""
+    scale = max(float(here[0]), float(saved[0]))
+    if scale == 0.0:
+        return 0.0
+    return float((here - saved).abs().max()) / scale
 
 
 def _check_base(name: str, layer: LoLDULayer, saved: dict, path: Path) -> None:
     if layer.pivots.tolist() != saved["pivots"]:
         raise ValueError(f"load_loldu: layer {name!r} has a different base weight than the adapter in {path} "
                          f"was trained on (its LU pivots differ)")
-    if layer.base_weight_checksum() == saved["sha256"]:
+    sha256, sketch, precision = layer.base_fingerprint()
+    base = saved["base"]
+    if sha256 == base["sha256"]:
         return
-    ref = torch.tensor(saved["pivot_values"], dtype=torch.float64)
-    gap = float((layer.pivot_values.double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-    if gap > PIVOT_VALUE_RTOL:
+    if "sketch" in saved:
+        gap = _sketch_gap(sketch, saved["sketch"])
+        tol = SKETCH_TOLERANCE * (ROUNDOFF[precision] + ROUNDOFF[base["precision"]])
+        there = base["precision"]
+    else:  # first format: pivot values only
+        ref = torch.tensor(base["pivot_values"], dtype=torch.float64)
+        gap = float((layer.pivot_values.double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        tol, there = PIVOT_VALUE_RTOL, base.get("dtype", "?")
+    if not gap <= tol:
         raise ValueError(f"load_loldu: layer {name!r} has a different base weight than the adapter in {path} "
-                         f"was trained on (pivot values differ by {gap:.2e} relative)")
+                         f"was trained on (its fingerprint differs by {gap:.2e} relative, more than a cast "
+                         f"between {there} and {precision} explains: {tol:.1e})")
     warnings.warn(f"load_loldu: layer {name!r}: base weight is not byte-identical to the one the adapter was "
-                  f"trained on ({saved['dtype']} there, {_base_dtype(layer)} here; pivot values agree to "
-                  f"{gap:.1e}); loading", stacklevel=3)
+                  f"trained on ({there} there, {precision} here; fingerprints agree to {gap:.1e}); loading",
+                  stacklevel=3)
 
 
 def load_loldu(model: nn.Module, directory, adapter_name: str = "default") -> nn.Module:
@@ -159,11 +399,9 @@ def load_loldu(model: nn.Module, directory, adapter_name: str = "default") -> nn
         raise ValueError(f"load_loldu: adapter_name must be a non-empty string, got {adapter_name!r}")
     named = adapter_name != "default"
     directory = Path(directory)
-    config = _read_config(directory / CONFIG_NAME)
-    layers = config["layers"]
-    tensors = _read_tensors(directory / WEIGHTS_NAME, layers)
+    layers, tensors = read_adapter(directory)
 
-    plan = []  # (name, layer to hold the values, whether it replaces the module)
+    plan = []  # (name, module now, layer to hold the values, whether it replaces the module)
     modules = dict(model.named_modules())
     for name, spec in layers.items():
         module = modules.get(name)
@@ -179,30 +417,38 @@ def load_loldu(model: nn.Module, directory, adapter_name: str = "default") -> nn
         if named and base is not nn.Linear:
             raise ValueError(f"load_loldu: layer {name!r} is an nn.{base.__name__}; named adapters are for "
                              f"nn.Linear layers only")
-        if isinstance(module, LoLDULayer) and (module.rank, module.alpha, module.init, module.init_seed) == settings:
+        current = None
+        if isinstance(module, LoLDULayer):
+            current = (module.rank, module.alpha, module.init, module.init_seed)
+        if current == settings:
             target, replaces = module, False
-        elif named and isinstance(module, LoLDULayer):
+        elif named and current is not None:
             raise ValueError(f"load_loldu: layer {name!r} has LoLDU with (rank, alpha, init, init_seed) = "
-                             f"{(module.rank, module.alpha, module.init, module.init_seed)}, adapter "
-                             f"{adapter_name!r} was trained with {settings}; named adapters share the layer's "
-                             f"factors and initial diagonal")
+                             f"{current}, adapter {adapter_name!r} was trained with {settings}; named adapters "
+                             f"share the layer's factors and initial diagonal")
+        elif current is not None and getattr(module, "adapter_names", ()):
+            raise ValueError(f"load_loldu: layer {name!r} has named adapters {list(module.adapter_names)} on "
+                             f"LoLDU with (rank, alpha, init, init_seed) = {current}; the adapter needs "
+                             f"{settings}, which would drop them. Remove LoLDU from the model first")
         else:
             reason = _why_not_adaptable(name, module, modules[name.rpartition(".")[0]])
             if reason:
                 raise ValueError(f"load_loldu: cannot adapt {name!r}: {reason}")
+            if module.weight.is_meta:
+                raise ValueError(f"load_loldu: layer {name!r} is on the meta device; load its real weights first")
             backend = getattr(module, "backend", "auto")
             target = LOLDU_LAYERS[base].from_base(module, spec["rank"], spec["alpha"], spec["init"],
                                                   spec["init_seed"], backend, name, freeze=False)
             if isinstance(module, LoLDULayer):
                 target.base_requires_grad = module.base_requires_grad
             replaces = True
-        _check_base(name, target, spec["base"], directory)
-        plan.append((name, target, replaces))
+        _check_base(name, target, spec, directory)
+        plan.append((name, module, target, replaces))
 
     others = [n for n, _ in loldu_layers(model) if n not in layers]
     if others and not named:
         warnings.warn(f"load_loldu: {others} have LoLDU but are not in the adapter; left as they are", stacklevel=2)
-    for name, target, replaces in plan:
+    for name, module, target, replaces in plan:
         d, s = tensors[f"{name}.d"].to(target.d.device), tensors[f"{name}.s"].to(target.d.device)
         if named:
             target.set_named_adapter(adapter_name, target.scale_of(d, s))
@@ -212,5 +458,5 @@ def load_loldu(model: nn.Module, directory, adapter_name: str = "default") -> nn
                 target.s.copy_(s)
         if replaces:
             target.freeze_base()
-            _replace(model, name, target)
+            _replace(model, module, target)
     return model

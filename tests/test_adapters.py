@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from loldu_triton import add_loldu, load_loldu, save_loldu
+from loldu_triton import add_loldu, load_loldu, loldu_layers, save_loldu
+from loldu_triton.adapters import ADAPTER_NAME, _serialize
+from loldu_triton.factorize import weight_sketch
 from test_api import TinyLM, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,28 +75,78 @@ def test_loading_onto_a_model_that_already_has_loldu(tmp_path):
     assert torch.equal(other(x), y)
 
 
-def test_file_holds_r_plus_one_float32_values_per_layer_and_a_small_header(tmp_path):
+def read_file(directory):
+    """(config, tensors) of a saved adapter, read without the library's checks."""
+    from safetensors import safe_open
+
+    with safe_open(str(directory / ADAPTER_NAME), "pt") as f:
+        return json.loads(f.metadata()["config"]), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def rewrite(directory, config, tensors):
+    """Write an adapter file as an attacker who knows the format would: valid checksum, chosen contents."""
+    (directory / ADAPTER_NAME).write_bytes(_serialize(tensors, json.dumps(config)))
+
+
+def test_one_file_holds_d_s_pivots_and_a_sketch_per_layer(tmp_path):
     model, _ = trained_model(rank=4)
     save_loldu(model, tmp_path)
-    data = (tmp_path / "adapter_model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ADAPTER_NAME]
+    data = (tmp_path / ADAPTER_NAME).read_bytes()
     (header_len,) = struct.unpack("<Q", data[:8])
-    layers = json.loads((tmp_path / "adapter_config.json").read_text())["layers"]
-    payload = sum((spec["rank"] + 1) * 4 for spec in layers.values())
-    assert len(layers) == 5 and payload == 5 * 5 * 4
-    assert len(data) == 8 + header_len + payload
-    assert header_len < 150 * 2 * len(layers)
+    config, tensors = read_file(tmp_path)
+    layers = config["layers"]
+    # d and s (r + 1 float32), pivots (r int32), sketch (9 float64)
+    payload = sum((spec["rank"] + 1) * 4 + spec["rank"] * 4 + 9 * 8 for spec in layers.values())
+    assert len(layers) == 5 and len(data) == 8 + header_len + payload
+    assert header_len < 700 * len(layers)
+    assert torch.equal(tensors["lm_head.d"], model.lm_head.d.detach())
 
 
 def test_config_records_settings_version_and_base_fingerprints(tmp_path):
     model, _ = trained_model(rank=4)
     save_loldu(model, tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config, tensors = read_file(tmp_path)
     assert config["rank"] == 4 and config["alpha"] == 4.0 and config["init"] == "lu"
     assert config["library_version"]
     assert config["target_modules"] == ["layers.0.q_proj", "layers.0.v_proj", "layers.1.q_proj", "layers.1.v_proj",
                                         "lm_head"]
     base = config["layers"]["lm_head"]["base"]
-    assert base["pivots"] == model.lm_head.pivots.tolist() and len(base["sha256"]) == 64
+    assert tensors["lm_head.pivots"].tolist() == model.lm_head.pivots.tolist() and len(base["sha256"]) == 64
+    assert base["precision"] == "float32"
+    assert torch.equal(tensors["lm_head.sketch"], weight_sketch(model.lm_head.weight))
+
+
+def write_legacy(model, directory):
+    """The first file format (adapter_config.json + adapter_model.safetensors), as version 0.1 wrote it."""
+    from safetensors.torch import save_file
+
+    layers = {name: {"rank": layer.rank, "alpha": layer.alpha, "init": layer.init, "init_seed": layer.init_seed,
+                     "type": layer.base_class.__name__, "weight_shape": list(layer.weight.shape),
+                     "base": {"pivots": layer.pivots.tolist(), "pivot_values": layer.pivot_values.tolist(),
+                              "sha256": layer.base_fingerprint()[0], "dtype": "float32"}}
+              for name, layer in loldu_layers(model)}
+    config = {"format": "loldu-triton-adapter", "format_version": 1, "library_version": "0.1.0", "layers": layers}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    save_file({f"{n}.{p}": getattr(layer, p).detach().reshape(-1).clone() for n, layer in loldu_layers(model)
+               for p in ("d", "s")}, str(directory / "adapter_model.safetensors"))
+
+
+def test_first_format_still_loads_and_a_new_save_replaces_it(tmp_path):
+    model, base_state = trained_model()
+    x = torch.randn(5, 16)
+    write_legacy(model, tmp_path)
+    fresh = TinyLM()
+    fresh.load_state_dict(base_state)
+    load_loldu(fresh, tmp_path)
+    assert torch.equal(fresh(x), model(x))
+    save_loldu(fresh, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ADAPTER_NAME]
+    again = TinyLM()
+    again.load_state_dict(base_state)
+    load_loldu(again, tmp_path)
+    assert torch.equal(again(x), model(x))
 
 
 def test_wrong_base_is_refused_and_the_model_is_unchanged(tmp_path):
@@ -131,29 +183,33 @@ def test_missing_layer_is_refused_and_the_model_is_unchanged(tmp_path):
     assert_unchanged(other, before)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "drop_config", "bad_json", "nan"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing", "flipped_bit", "bad_config", "nan"])
 def test_damaged_files_are_refused_naming_the_file_and_the_model_is_unchanged(tmp_path, damage):
     model, base_state = trained_model()
     save_loldu(model, tmp_path)
-    weights, config = tmp_path / "adapter_model.safetensors", tmp_path / "adapter_config.json"
+    path = tmp_path / ADAPTER_NAME
+    data = path.read_bytes()
     if damage == "truncate":
-        weights.write_bytes(weights.read_bytes()[:-7])
-        match = "adapter_model.safetensors is truncated or corrupt"
+        path.write_bytes(data[:-7])
+        match = f"{ADAPTER_NAME} is truncated or corrupt"
     elif damage == "garbage":
-        weights.write_bytes(b"\x00" * 50)
-        match = "adapter_model.safetensors is truncated or corrupt"
-    elif damage == "drop_config":
-        config.unlink()
-        match = "no adapter config at .*adapter_config.json"
-    elif damage == "bad_json":
-        config.write_text(config.read_text()[:40])
-        match = "adapter_config.json is not valid JSON"
+        path.write_bytes(b"\x00" * 50)
+        match = f"{ADAPTER_NAME} is truncated or corrupt"
+    elif damage == "missing":
+        path.unlink()
+        match = f"no adapter at .*{ADAPTER_NAME}"
+    elif damage == "flipped_bit":
+        path.write_bytes(data[:-30] + bytes([data[-30] ^ 0x04]) + data[-29:])
+        match = f"{ADAPTER_NAME} fails its checksum"
+    elif damage == "bad_config":
+        config, tensors = read_file(tmp_path)
+        del config["layers"]["lm_head"]["init_seed"]
+        rewrite(tmp_path, config, tensors)
+        match = f"{ADAPTER_NAME}: layer 'lm_head' has no 'init_seed'"
     else:
-        from safetensors.torch import load_file, save_file
-
-        tensors = load_file(str(weights))
+        config, tensors = read_file(tmp_path)
         tensors["lm_head.d"][1] = float("nan")
-        save_file(tensors, str(weights))
+        rewrite(tmp_path, config, tensors)
         match = "lm_head.d contains NaN or Inf"
     other = TinyLM()
     other.load_state_dict(base_state)
