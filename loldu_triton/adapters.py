@@ -167,11 +167,11 @@ def save_loldu(model: nn.Module, directory) -> Path:
         raise ValueError("save_loldu: the model itself is a LoLDU layer; save a module that contains it")
     records, tensors = {}, {}
     for name, layer in layers:
+        sha256, sketch, precision = layer.base_fingerprint()  # (first: refuses a base still on the meta device)
         d, s = layer.d.detach().to("cpu", torch.float32), layer.s.detach().to("cpu", torch.float32).reshape(1)
         if not (torch.isfinite(d).all() and torch.isfinite(s).all()):
             raise ValueError(f"save_loldu: layer {name!r} has non-finite adapter values (d or s holds NaN or Inf); "
                              f"nothing was written")
-        sha256, sketch, precision = layer.base_fingerprint()
         records[name] = _layer_record(layer, sha256, precision)
         tensors[f"{name}.d"] = d.contiguous()
         tensors[f"{name}.s"] = s

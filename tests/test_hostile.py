@@ -387,6 +387,22 @@ def test_meta_device_deferred_init_then_real_weights():
     assert torch.equal(layer(x), source(x))
 
 
+def test_add_loldu_on_a_meta_model_then_a_base_checkpoint():
+    torch.manual_seed(0)
+    real = TinyLM()
+    with torch.device("meta"):
+        model = TinyLM()
+    add_loldu(model, rank=2, target_modules=["q_proj", "lm_head"])
+    with pytest.raises(ValueError, match=r"layers.0.q_proj: the base weight is on the meta device"):
+        save_loldu(model, "never-written")
+    model.to_empty(device="cpu")
+    model.load_state_dict(real.state_dict(), strict=False)
+    reference = add_loldu(TinyLM(), rank=2, target_modules=["q_proj", "lm_head"])
+    reference.load_state_dict(real.state_dict(), strict=False)
+    x = torch.randn(3, 16)
+    assert torch.equal(model(x), real(x)) and torch.equal(model.lm_head.U, reference.lm_head.U)
+
+
 @pytest.mark.parametrize("x, match", [
     (torch.tensor(1.0), r"my.layer: input is a 0-d tensor"),
     (torch.randn(3, 7), r"my.layer: input of shape \(3, 7\) has last dim 7, expected 8"),
