@@ -508,3 +508,20 @@ def test_out_of_range_rows_are_refused(backend, rows, match):
     table = torch.randn(3, 2)
     with pytest.raises(ValueError, match=match):
         loldu_linear(torch.randn(3, 8), layer.weight, layer.bias, layer.L, layer.U, table, backend, rows=rows)
+
+
+def test_empty_inputs_give_empty_outputs_and_zero_gradients():
+    layer = LoLDULinear.from_linear(nn.Linear(8, 6), rank=2)
+    x = torch.randn(0, 8, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == (0, 6) and torch.equal(layer.d.grad, torch.zeros(2)) and x.grad.shape == (0, 8)
+    assert layer(torch.randn(2, 0, 8)).shape == (2, 0, 6)
+
+
+def test_a_layer_with_no_features_cannot_hold_any_rank():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # nn.Linear's own note on zero-element init
+        empty = nn.Linear(0, 5)
+    with pytest.raises(ValueError, match=r"rank must be an int in \[1, min\(out, in\)\] = \[1, 0\] for weight 5x0"):
+        LoLDULinear.from_linear(empty, rank=1)
