@@ -1,0 +1,228 @@
+"""Autotuning spaces of every kernel, per device and dtype, in one place.
+
+Each kernel is autotuned over one list that holds tiles for 2-byte activations and tiles of their own for
+fp32; early_config_prune keeps, before anything is compiled or timed, the configs for this call's dtype and
+M, and only those whose shared memory fits the device the kernel runs on (estimated below; compile-check
+proves the estimate against the compiled kernels for sm_90 and sm_80). Under the interpreter each kernel has
+exactly one config: benchmarking several needs a GPU.
+"""
+
+import contextlib
+import functools
+
+import triton
+
+from .common import INTERPRET
+
+# Shared memory per block (opt-in maximum), bytes, by compute capability.
+SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+_target = None  # (arch, smem limit) that compile-check compiles for, instead of the current device's
+
+
+@contextlib.contextmanager
+def target(arch):
+    """Prune for compute capability `arch` (e.g. 90) instead of the current CUDA device."""
+    global _target
+    previous, _target = _target, (arch, SMEM_LIMIT[arch])
+    try:
+        yield
+    finally:
+        _target = previous
+
+
+@functools.lru_cache(maxsize=None)
+def _device_smem(index):
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    if limit:
+        return int(limit)
+    from triton.runtime import driver
+
+    return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+def smem_limit(device=None):
+    if _target is not None:
+        return _target[1]
+    import torch
+
+    if not torch.cuda.is_available():  # torch.compile tracing on a machine without a GPU: nothing will run here
+        return float("inf")
+    return _device_smem(device.index if device is not None and device.index is not None else 0)
+
+
+def m_bucket(M):
+    """Autotuning key for M: decode (M <= 16) and the prefill sizes tune separately, without a retune per M."""
+    for bucket in (16, 64, 256, 1024, 4096):
+        if M <= bucket:
+            return bucket
+    return 16384
+
+
+def shrink_block_m(M):
+    if INTERPRET:
+        return 16  # several M tiles even on small test shapes, so the partial-sum reduction is exercised
+    return 16 if M <= 16 else 64
+
+
+def autotune_bench(fn, quantiles):
+    """Time one config for the autotuner: 5 ms of warmup and 20 ms of repeats, not Triton's 25 + 100 ms, which
+    would make the GPU check's hundreds of config timings take minutes."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def autotuned(kernel, configs, key, prune):
+    """kernel autotuned over configs, pruned by prune before anything is compiled or timed."""
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
+                           do_bench=autotune_bench)(kernel)
+
+
+def _cfg(warps, stages, **blocks):
+    return triton.Config(blocks, num_warps=warps, num_stages=stages)
+
+
+def _r16(R):
+    return max(16, triton.cdiv(R, 16) * 16)
+
+
+def _wide(named):
+    """True for fp32 activations (tiles of their own: 4-byte operands, 3xTF32 register pressure)."""
+    return named["a_ptr"].element_size() == 4
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GEMM with the rank-r epilogue. Tiles by M bucket: decode (M <= 64) streams W with a small M tile and long
+# K tiles; prefill uses the large tiles (Hopper: wgmma 64xN per warpgroup).
+# --------------------------------------------------------------------------------------------------------------
+
+GEMM_HALF = [
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+    _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    _cfg(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+]
+GEMM_FP32 = [
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+    _cfg(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+    _cfg(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+    _cfg(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+]
+GEMM_INTERPRET = [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
+
+
+def gemm_configs():
+    return GEMM_INTERPRET if INTERPRET else GEMM_HALF + GEMM_FP32
+
+
+def gemm_smem(config, a_size, b_size, r_step=16, a2_size=None, b2_size=None):
+    """Estimated shared memory of one GEMM config: the larger of its main loop's and its rank loop's pipeline
+    buffers (Triton reuses the memory between loops), plus the epilogue's layout conversion scratch."""
+    kw, stages = config.kwargs, config.num_stages
+    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    main = stages * (bm * bk * a_size + bk * bn * b_size)
+    rank = stages * (bm * r_step * (a2_size or a_size) + r_step * bn * (b2_size or b_size))
+    return max(main, rank)
+
+
+def prune_gemm(configs, named, **kwargs):
+    a, b, b2 = named["a_ptr"], named["b_ptr"], named["b2_ptr"]
+    wide = _wide(named)
+    pool = [c for c in configs if (c in GEMM_FP32) == wide] or list(configs)
+    small = named["M_BUCKET"] <= 64
+    by_m = [c for c in pool if (c.kwargs["BLOCK_M"] <= 32) == small] or pool
+    if b.element_size() > a.element_size() or b2.element_size() > a.element_size():
+        # fp32 weight or factors under 2-byte activations: the tiles are converted in registers, which the
+        # largest tiles cannot spare (they spill)
+        by_m = [c for c in by_m if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128] or by_m
+    limit = smem_limit(a.device)
+    r_step = kwargs.get("R_STEP", 16) if kwargs.get("LOWRANK", False) else 16
+    fits = [c for c in by_m if gemm_smem(c, a.element_size(), b.element_size(), r_step, b2_size=b2.element_size())
+            <= limit]
+    return fits or by_m[-1:]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shrink: BLOCK_M is the launcher's (the partials buffer has one row per M tile); R tiles no wider than R needs.
+# --------------------------------------------------------------------------------------------------------------
+
+SHRINK_HALF = [
+    _cfg(4, 3, BLOCK_R=16, BLOCK_K=256),
+    _cfg(4, 4, BLOCK_R=32, BLOCK_K=128),
+    _cfg(4, 3, BLOCK_R=64, BLOCK_K=128),
+    _cfg(8, 3, BLOCK_R=128, BLOCK_K=64),
+]
+SHRINK_FP32 = [
+    _cfg(4, 3, BLOCK_R=16, BLOCK_K=128),
+    _cfg(4, 3, BLOCK_R=32, BLOCK_K=64),
+    _cfg(4, 3, BLOCK_R=64, BLOCK_K=64),
+    _cfg(8, 3, BLOCK_R=128, BLOCK_K=32),
+]
+SHRINK_INTERPRET = [_cfg(4, 1, BLOCK_R=16, BLOCK_K=32)]
+
+
+def shrink_configs():
+    return SHRINK_INTERPRET if INTERPRET else SHRINK_HALF + SHRINK_FP32
+
+
+def shrink_smem(config, block_m, a_size, b_size):
+    kw = config.kwargs
+    return config.num_stages * (block_m * kw["BLOCK_K"] * a_size + kw["BLOCK_K"] * kw["BLOCK_R"] * b_size)
+
+
+def prune_shrink(configs, named, **kwargs):
+    a, b = named["a_ptr"], named["b_ptr"]
+    wide = _wide(named)
+    pool = [c for c in configs if (c in SHRINK_FP32) == wide] or list(configs)
+    r16 = _r16(named["R"])
+    narrow = [c for c in pool if c.kwargs["BLOCK_R"] <= r16] or pool[:1]
+    limit = smem_limit(a.device)
+    fits = [c for c in narrow if shrink_smem(c, kwargs["BLOCK_M"], a.element_size(), b.element_size()) <= limit]
+    return fits or narrow[:1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Merge W + L diag(e) U: R tiles no wider than R needs.
+# --------------------------------------------------------------------------------------------------------------
+
+MERGE_HALF = [
+    _cfg(8, 3, BLOCK_N=128, BLOCK_K=128, BLOCK_R=64),
+    _cfg(8, 3, BLOCK_N=128, BLOCK_K=128, BLOCK_R=32),
+    _cfg(4, 3, BLOCK_N=128, BLOCK_K=128, BLOCK_R=16),
+    _cfg(4, 4, BLOCK_N=64, BLOCK_K=128, BLOCK_R=32),
+]
+MERGE_FP32 = [
+    _cfg(8, 3, BLOCK_N=128, BLOCK_K=128, BLOCK_R=32),
+    _cfg(4, 3, BLOCK_N=64, BLOCK_K=128, BLOCK_R=32),
+    _cfg(4, 3, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16),
+]
+MERGE_INTERPRET = [_cfg(4, 1, BLOCK_N=32, BLOCK_K=32, BLOCK_R=16)]
+
+
+def merge_configs():
+    return MERGE_INTERPRET if INTERPRET else MERGE_HALF + MERGE_FP32
+
+
+def merge_smem(config, l_size, u_size):
+    kw = config.kwargs
+    return config.num_stages * (kw["BLOCK_N"] * kw["BLOCK_R"] * l_size + kw["BLOCK_R"] * kw["BLOCK_K"] * u_size)
+
+
+def prune_merge(configs, named, **kwargs):
+    lt, u = named["l_ptr"], named["u_ptr"]
+    wide = lt.element_size() == 4
+    pool = [c for c in configs if (c in MERGE_FP32) == wide] or list(configs)
+    r16 = _r16(named["R"])
+    narrow = [c for c in pool if c.kwargs["BLOCK_R"] <= r16] or pool[-1:]
+    limit = smem_limit(lt.device)
+    fits = [c for c in narrow if merge_smem(c, lt.element_size(), u.element_size()) <= limit]
+    return fits or narrow[-1:]
