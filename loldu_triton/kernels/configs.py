@@ -89,14 +89,21 @@ def _r16(R):
     return max(16, triton.cdiv(R, 16) * 16)
 
 
+def member(config, group):
+    """config is one of group's own objects (Configs compare by value, and the fp32 and 2-byte lists share some)."""
+    return any(config is c for c in group)
+
+
 def _wide(named):
     """True for fp32 activations (tiles of their own: 4-byte operands, 3xTF32 register pressure)."""
     return named["a_ptr"].element_size() == 4
 
 
 # --------------------------------------------------------------------------------------------------------------
-# GEMM with the rank-r epilogue. Tiles by M bucket: decode (M <= 64) streams W with a small M tile and long
-# K tiles; prefill uses the large tiles (Hopper: wgmma 64xN per warpgroup).
+# GEMM with the rank-r epilogue. Tiles by M bucket: decode (M <= 64) streams W with a small M tile and narrow
+# N tiles (enough programs to fill the SMs; B tiles of at most 8K elements, which unaligned or quantized
+# operands load through registers without spilling); prefill uses the large tiles (Hopper: wgmma 64xN per
+# warpgroup).
 # --------------------------------------------------------------------------------------------------------------
 
 GEMM_HALF = [
@@ -105,16 +112,16 @@ GEMM_HALF = [
     _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _cfg(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8),
-    _cfg(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
-    _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
 ]
 GEMM_FP32 = [
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
     _cfg(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
     _cfg(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-    _cfg(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+    _cfg(4, 3, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
 ]
 GEMM_INTERPRET = [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
@@ -124,29 +131,36 @@ def gemm_configs():
     return GEMM_INTERPRET if INTERPRET else GEMM_HALF + GEMM_FP32
 
 
-def gemm_smem(config, a_size, b_size, r_step=16, a2_size=None, b2_size=None):
+def gemm_smem(config, a_size, b_size, r_step=16, b2_size=None, per_row=False):
     """Estimated shared memory of one GEMM config: the larger of its main loop's and its rank loop's pipeline
-    buffers (Triton reuses the memory between loops), plus the epilogue's layout conversion scratch."""
+    buffers (Triton reuses the memory between loops); with per-row adapters the rank loop also pipelines an
+    fp32 (BLOCK_M, R_STEP) tile of e, not reused (compile-check measured 245,760 B for 256x128x64 bf16)."""
     kw, stages = config.kwargs, config.num_stages
     bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    r_step = min(r_step, bk)
     main = stages * (bm * bk * a_size + bk * bn * b_size)
-    rank = stages * (bm * r_step * (a2_size or a_size) + r_step * bn * (b2_size or b_size))
+    rank = stages * (bm * r_step * a_size + r_step * bn * (b2_size or b_size))
+    if per_row:
+        return main + rank + stages * bm * r_step * 4
     return max(main, rank)
 
 
 def prune_gemm(configs, named, **kwargs):
     a, b, b2 = named["a_ptr"], named["b_ptr"], named["b2_ptr"]
     wide = _wide(named)
-    pool = [c for c in configs if (c in GEMM_FP32) == wide] or list(configs)
+    pool = [c for c in configs if member(c, GEMM_FP32) == wide] or list(configs)
     small = named["M_BUCKET"] <= 64
     by_m = [c for c in pool if (c.kwargs["BLOCK_M"] <= 32) == small] or pool
-    if b.element_size() > a.element_size() or b2.element_size() > a.element_size():
-        # fp32 weight or factors under 2-byte activations: the tiles are converted in registers, which the
-        # largest tiles cannot spare (they spill)
-        by_m = [c for c in by_m if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128] or by_m
+    per_row = kwargs.get("PER_ROW", False)
+    if b.element_size() != a.element_size() or b2.element_size() != a.element_size() or per_row:
+        # B converted in registers (fp32 or quantized weight, fp32 factors) or a per-row e tile: registers
+        # the widest accumulators (128 fp32 a thread) cannot spare; compile-check saw them spill
+        by_m = [c for c in by_m if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps] or by_m
+    if b.element_size() == 1 and small:  # int8/fp8 W dequantized per tile: decode B tiles of 4K elements
+        by_m = [c for c in by_m if c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] <= 4096] or by_m
     limit = smem_limit(a.device)
     r_step = kwargs.get("R_STEP", 16) if kwargs.get("LOWRANK", False) else 16
-    fits = [c for c in by_m if gemm_smem(c, a.element_size(), b.element_size(), r_step, b2_size=b2.element_size())
+    fits = [c for c in by_m if gemm_smem(c, a.element_size(), b.element_size(), r_step, b2.element_size(), per_row)
             <= limit]
     return fits or by_m[-1:]
 
@@ -182,7 +196,7 @@ def shrink_smem(config, block_m, a_size, b_size):
 def prune_shrink(configs, named, **kwargs):
     a, b = named["a_ptr"], named["b_ptr"]
     wide = _wide(named)
-    pool = [c for c in configs if (c in SHRINK_FP32) == wide] or list(configs)
+    pool = [c for c in configs if member(c, SHRINK_FP32) == wide] or list(configs)
     r16 = _r16(named["R"])
     narrow = [c for c in pool if c.kwargs["BLOCK_R"] <= r16] or pool[:1]
     limit = smem_limit(a.device)
@@ -197,8 +211,9 @@ def prune_shrink(configs, named, **kwargs):
 MERGE_HALF = [
     _cfg(8, 3, BLOCK_N=128, BLOCK_K=128, BLOCK_R=64),
     _cfg(8, 3, BLOCK_N=128, BLOCK_K=128, BLOCK_R=32),
-    _cfg(4, 3, BLOCK_N=128, BLOCK_K=128, BLOCK_R=16),
+    _cfg(8, 3, BLOCK_N=128, BLOCK_K=128, BLOCK_R=16),
     _cfg(4, 4, BLOCK_N=64, BLOCK_K=128, BLOCK_R=32),
+    _cfg(4, 3, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16),
 ]
 MERGE_FP32 = [
     _cfg(8, 3, BLOCK_N=128, BLOCK_K=128, BLOCK_R=32),
@@ -220,9 +235,11 @@ def merge_smem(config, l_size, u_size):
 def prune_merge(configs, named, **kwargs):
     lt, u = named["l_ptr"], named["u_ptr"]
     wide = lt.element_size() == 4
-    pool = [c for c in configs if (c in MERGE_FP32) == wide] or list(configs)
+    pool = [c for c in configs if member(c, MERGE_FP32) == wide] or list(configs)
     r16 = _r16(named["R"])
     narrow = [c for c in pool if c.kwargs["BLOCK_R"] <= r16] or pool[-1:]
+    if named["w_ptr"].element_size() == 1:  # int8/fp8 W dequantized in registers: small tiles do not spill
+        narrow = [c for c in narrow if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32 * 32 * c.num_warps] or narrow
     limit = smem_limit(lt.device)
     fits = [c for c in narrow if merge_smem(c, lt.element_size(), u.element_size()) <= limit]
     return fits or narrow[-1:]
