@@ -27,8 +27,7 @@ NAN = float("nan")
 def mismatches(actual, ref, scale, n, dtype, name="", limit=5):
     """Descriptions of the worst elements outside tolerance (empty if none). ref, scale: float64 tensors of
     actual's shape; n: the number of terms each element sums; dtype: the precision the kernel ran in."""
-    actual = actual.detach().double().cpu()
-    ref, scale = ref.double().cpu(), scale.double().cpu()
+    actual, ref, scale = actual.detach().double(), ref.double().to(actual.device), scale.double().to(actual.device)
     if actual.shape != ref.shape:
         return [f"{name}: shape {tuple(actual.shape)} != {tuple(ref.shape)}"]
     n = max(n, 1)
@@ -39,7 +38,8 @@ def mismatches(actual, ref, scale, n, dtype, name="", limit=5):
     if not bad.any():
         return []
     ratio = torch.where(bad, torch.nan_to_num(err / tol, nan=float("inf")), torch.zeros_like(err))
-    worst = ratio.flatten().topk(min(limit, int(bad.sum()))).indices
+    worst = ratio.flatten().topk(min(limit, int(bad.sum()))).indices.cpu()
+    actual, ref, tol = actual.cpu(), ref.cpu(), tol.cpu()
     out = [f"{name}: {int(bad.sum())} of {bad.numel()} elements out of tolerance"]
     for flat in worst.tolist():
         idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), actual.shape))
@@ -54,13 +54,13 @@ def assert_close(actual, ref, scale, n, dtype, name=""):
 
 
 def references(x, weight, bias, L, U, e, dy, t=None):
-    """Float64 references and their scales (sum of |terms|) and lengths for y, t, dx, grad_e and the merge.
-    t: the t the kernel returned (the backward's grad_e sums the t it was given)."""
-    X, W, Lf, Uf, E, dY = (a.detach().double().cpu() for a in (x, weight, L, U, e, dy))
-    B = bias.detach().double().cpu() if bias is not None else torch.zeros(W.shape[0], dtype=torch.float64)
+    """Float64 references and their scales (sum of |terms|) and lengths for y, t, dx, grad_e and the merge, on
+    x's device. t: the t the kernel returned (the backward's grad_e sums the t it was given)."""
+    X, W, Lf, Uf, E, dY = (a.detach().double().to(x.device) for a in (x, weight, L, U, e, dy))
+    B = bias.detach().double() if bias is not None else torch.zeros(W.shape[0], dtype=torch.float64, device=x.device)
     T = X @ Uf.T
     V = dY @ Lf
-    Tk = t.detach().double().cpu() if t is not None else T
+    Tk = t.detach().double() if t is not None else T
     aX, aW, aL, aU, aE, adY, aT = (a.abs() for a in (X, W, Lf, Uf, E, dY, T))
     K, N, r = X.shape[1], W.shape[0], Uf.shape[0]
     M = X.shape[0]
