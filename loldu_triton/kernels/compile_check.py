@@ -24,7 +24,6 @@ import torch
 from . import common, configs
 from .common import EParts
 
-ARCHES = (90, 80)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 QUANT = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 # (M, K, N, ranks): prefill and decode at LLaMA-7B width (every size a multiple of 16), and an odd shape.
@@ -39,7 +38,7 @@ class Record:
     kernel: str
     config: str
     block_m: int  # the M tile (GEMM, shrink), the N tile of the merge
-    dtype: str  # activations
+    dtype: str  # the compute dtype: the activations', L's for the merge
     operands: str  # the dtypes of every tensor the kernel reads, in argument order
     route: str  # which call made it, and the constexpr flags that are on
     shape: str

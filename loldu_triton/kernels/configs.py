@@ -156,8 +156,11 @@ def prune_gemm(configs, named, **kwargs):
         # B converted in registers (fp32 or quantized weight, fp32 factors) or a per-row e tile: registers
         # the widest accumulators (128 fp32 a thread) cannot spare; compile-check saw them spill
         by_m = [c for c in by_m if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps] or by_m
-    if b.element_size() == 1 and small:  # int8/fp8 W dequantized per tile: decode B tiles of 4K elements
-        by_m = [c for c in by_m if c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] <= 4096] or by_m
+    if b.element_size() != a.element_size() and small:
+        # decode B tiles converted in registers (int8/fp8 dequantized, fp32 cast), which unaligned rows load
+        # element by element: the narrowest tile only (compile-check saw the others spill)
+        by_m = [c for c in by_m if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 512
+                and c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] <= 4096] or by_m
     limit = smem_limit(a.device)
     r_step = kwargs.get("R_STEP", 16) if kwargs.get("LOWRANK", False) else 16
     fits = [c for c in by_m if gemm_smem(c, a.element_size(), b.element_size(), r_step, b2.element_size(), per_row)
