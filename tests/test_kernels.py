@@ -4,6 +4,7 @@ the autotuning spaces, and the GPU tests (run when CUDA is available). The inter
 in tests/interpreted (a pytest invocation of its own)."""
 
 import importlib
+import itertools
 import logging
 import math
 import re
@@ -117,12 +118,16 @@ def test_gemm_configs_are_pruned_by_dtype_m_and_shared_memory(arch):
         limit = configs.smem_limit()
         for a, b in [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.int8), (torch.float32, torch.float32),
                      (torch.bfloat16, torch.float32)]:
-            for bucket in (16, 64, 256, 16384):
-                kept = configs.prune_gemm(pool, _named(a=a, b=b, b2=b, M_BUCKET=bucket), LOWRANK=True, R_STEP=64)
+            for bucket, per_row in itertools.product((16, 64, 256, 16384), (False, True)):
+                kept = configs.prune_gemm(pool + [configs.GEMM_HALF_SMALL], _named(a=a, b=b, b2=b, M_BUCKET=bucket),
+                                          LOWRANK=True, R_STEP=64, PER_ROW=per_row)
                 assert kept
                 assert all(configs.member(c, configs.GEMM_FP32) == (a == torch.float32) for c in kept)
                 assert all((c.kwargs["BLOCK_M"] <= 32) == (bucket <= 64) for c in kept)
-                assert all(configs.gemm_smem(c, a.itemsize, b.itemsize, 64, b.itemsize) <= limit for c in kept)
+                # fits, by the estimate compile-check checks (per-row over an fp32 weight on an A100: only
+                # the small fallback tile does)
+                assert all(configs.gemm_smem(c, a.itemsize, b.itemsize, 64, b.itemsize, per_row) <= limit
+                           for c in kept)
     kept = {}
     for target in (90, 80):  # with fp32 weights under bf16 activations, deep pipelines fit Hopper, not an A100
         with configs.target(target):

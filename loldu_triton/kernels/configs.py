@@ -43,6 +43,25 @@ def _device_smem(index):
     return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
 
 
+@functools.lru_cache(maxsize=None)
+def _device_arch(index):
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def arch(device=None):
+    """Compute capability as 90, 80, ...: the compile-check target's, else the device's (90 with no GPU)."""
+    if _target is not None:
+        return _target[0]
+    import torch
+
+    if not torch.cuda.is_available():
+        return 90
+    return _device_arch(device.index if device is not None and device.index is not None else 0)
+
+
 def smem_limit(device=None):
     if _target is not None:
         return _target[1]
@@ -124,11 +143,13 @@ GEMM_FP32 = [
     _cfg(4, 3, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
 ]
+# Offered only where no other tile fits the shared memory (per-row adapters over an fp32 weight on an A100).
+GEMM_HALF_SMALL = _cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
 GEMM_INTERPRET = [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
 
 
 def gemm_configs():
-    return GEMM_INTERPRET if INTERPRET else GEMM_HALF + GEMM_FP32
+    return GEMM_INTERPRET if INTERPRET else GEMM_HALF + GEMM_FP32 + [GEMM_HALF_SMALL]
 
 
 def gemm_smem(config, a_size, b_size, r_step=16, b2_size=None, per_row=False):
@@ -148,14 +169,18 @@ def gemm_smem(config, a_size, b_size, r_step=16, b2_size=None, per_row=False):
 def prune_gemm(configs, named, **kwargs):
     a, b, b2 = named["a_ptr"], named["b_ptr"], named["b2_ptr"]
     wide = _wide(named)
-    pool = [c for c in configs if member(c, GEMM_FP32) == wide] or list(configs)
+    pool = [c for c in configs if member(c, GEMM_FP32) == wide and c is not GEMM_HALF_SMALL] or list(configs)
     small = named["M_BUCKET"] <= 64
     by_m = [c for c in pool if (c.kwargs["BLOCK_M"] <= 32) == small] or pool
     per_row = kwargs.get("PER_ROW", False)
-    if b.element_size() != a.element_size() or b2.element_size() != a.element_size() or per_row:
-        # B converted in registers (fp32 or quantized weight, fp32 factors) or a per-row e tile: registers
-        # the widest accumulators (128 fp32 a thread) cannot spare; compile-check saw them spill
+    mma_sync = arch(a.device) < 90
+    if b.element_size() != a.element_size() or b2.element_size() != a.element_size() or per_row or mma_sync:
+        # B converted in registers (fp32 or quantized weight, fp32 factors), a per-row e tile, or mma.sync
+        # (sm_80: operands and accumulators in registers): the widest accumulators (128 fp32 a thread) do
+        # not fit; compile-check saw them spill
         by_m = [c for c in by_m if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps] or by_m
+    if mma_sync and small:  # sm_80 decode: 16-row tiles only (the 32-row one spilled)
+        by_m = [c for c in by_m if c.kwargs["BLOCK_M"] == 16] or by_m
     if b.element_size() != a.element_size() and small:
         # decode B tiles converted in registers (int8/fp8 dequantized, fp32 cast), which unaligned rows load
         # element by element: the narrowest tile only (compile-check saw the others spill)
@@ -163,9 +188,13 @@ def prune_gemm(configs, named, **kwargs):
                 and c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] <= 4096] or by_m
     limit = smem_limit(a.device)
     r_step = kwargs.get("R_STEP", 16) if kwargs.get("LOWRANK", False) else 16
-    fits = [c for c in by_m if gemm_smem(c, a.element_size(), b.element_size(), r_step, b2.element_size(), per_row)
-            <= limit]
-    return fits or by_m[-1:]
+    def need(c):
+        return gemm_smem(c, a.element_size(), b.element_size(), r_step, b2.element_size(), per_row)
+
+    fits = [c for c in by_m if need(c) <= limit]
+    if not fits and not wide and need(GEMM_HALF_SMALL) <= limit:
+        return [GEMM_HALF_SMALL]
+    return fits or [min(by_m, key=need)]
 
 
 # --------------------------------------------------------------------------------------------------------------
