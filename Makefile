@@ -18,8 +18,10 @@ $(VENV)/.installed-%: setup.py | $(BIN)/python
 demo: $(VENV)/.installed-demo
 	$(BIN)/loldu-triton demo
 
+# Two invocations: the kernels are defined either for a GPU or for the Triton interpreter, once per process.
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q tests
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/interpreted
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/loldu-triton bench

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -15,6 +16,13 @@ import torch.nn.functional as F
 from .layer import LoLDULinear
 
 CPU_SHAPES = [(2048, 1024, 1024)]
+# Peak dense FLOP/s per activation dtype and DRAM bytes/s of the SXM parts (vendor datasheets). float32 is the
+# TF32 tensor-core peak / 3: what 3xTF32, the kernels' fp32 under "highest" precision, can reach.
+GPU_PEAKS = {
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 495e12 / 3, "bytes": 3.35e12},
+    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 495e12 / 3, "bytes": 4.8e12},
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12 / 3, "bytes": 2.039e12},
+}
 GPU_SHAPES = [(m, 4096, n) for m in (1, 512, 8192) for n in (4096, 11008)]
 METHODS = ("linear", "loldu", "loldu_torch", "loldu_int8", "loldu_fp8", "loldu_unfused", "seed_param", "peft_lora",
            "peft_vera")
@@ -146,6 +154,9 @@ class Result:
     saved_mb: float = 0.0
     peak_mb: float = float("nan")
     weights_mb: float = 0.0  # what the layer stores: base weight (quantized or not), bias, factors
+    # roofline of this shape on a named GPU (see ideal_ms): frozen layer and LoLDU, forward + input gradient
+    ideal_floor_ms: float = float("nan")
+    ideal_loldu_ms: float = float("nan")
 
 
 def _timer(device: torch.device):
@@ -252,14 +263,56 @@ def layer_holder(layer: nn.Module) -> nn.Module:
     return holder
 
 
-def markdown(results: List[Result]) -> str:
-    lines = ["| device | dtype | M | K | N | r | method | fwd ms | bwd ms | fwd+bwd ms | fwd x | bwd x | fwd+bwd x "
-             "| saved MB | peak MB | weights MB |", "|" + "---|" * 16]
+def ideal_ms(M: int, K: int, N: int, r: int, dtype: str, gpu: str):
+    """Roofline forward + input-gradient times (ms) of the frozen layer and of LoLDU on `gpu` (a GPU_PEAKS key):
+    each pass takes the longer of its FLOPs at peak and its DRAM bytes at peak bandwidth.
+
+    frozen, each pass: 2*M*K*N FLOPs; reads the input (x, or dY) and W, writes the output (y, or dX).
+    LoLDU adds: forward 2*M*r*(K + N) FLOPs, reads U and L, writes t; backward 2*M*r*(K + N) + 2*M*r FLOPs,
+    reads L, U and t. Nothing else: the rank-r work fused into the GEMM, no extra pass over x or dY."""
+    peak = GPU_PEAKS[gpu]
+    size = torch.finfo(getattr(torch, dtype)).bits // 8
+
+    def t(flops, elements):
+        return 1e3 * max(flops / peak[dtype], elements * size / peak["bytes"])
+
+    frozen = 2 * t(2.0 * M * K * N, M * K + K * N + M * N)
+    side = r * (K + N) + M * r  # factors and t
+    loldu = (t(2.0 * M * K * N + 2.0 * M * r * (K + N), M * K + K * N + M * N + side)
+             + t(2.0 * M * K * N + 2.0 * M * r * (K + N + 1), M * K + K * N + M * N + side))
+    return frozen, loldu
+
+
+def gpu_name(device: torch.device, requested: Optional[str] = None) -> Optional[str]:
+    """The GPU_PEAKS entry for the roofline columns: the one asked for, else the CUDA device's, if listed."""
+    if requested:
+        if requested not in GPU_PEAKS:
+            raise SystemExit(f"bench: --gpu must be one of {sorted(GPU_PEAKS)}, got {requested!r}")
+        return requested
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((gpu for gpu in GPU_PEAKS if gpu in name), None)
+    return None
+
+
+MARKDOWN_HEADER = ["| device | dtype | M | K | N | r | method | fwd ms | bwd ms | fwd+bwd ms | fwd x | bwd x | "
+                   "fwd+bwd x | saved MB | peak MB | weights MB | ideal floor ms | ideal LoLDU ms | ideal x |",
+                   "|" + "---|" * 19]
+
+
+def _ms(value):
+    return "-" if value != value else f"{value:.3f}"
+
+
+def markdown(results: List[Result], header: bool = True) -> str:
+    """The table; the ideal columns (fwd+bwd on the named GPU) are "-" where no GPU was named."""
+    lines = list(MARKDOWN_HEADER) if header else []
     for r in results:
         lines.append(f"| {r.device} | {r.dtype} | {r.M} | {r.K} | {r.N} | {r.rank} | {r.method} | "
                      f"{r.forward_ms:.3f} | {r.backward_ms:.3f} | {r.fwd_bwd_ms:.3f} | {r.forward_ratio:.3f} | "
                      f"{r.backward_ratio:.3f} | {r.fwd_bwd_ratio:.3f} | {r.saved_mb:.2f} | {r.peak_mb:.1f} | "
-                     f"{r.weights_mb:.2f} |")
+                     f"{r.weights_mb:.2f} | {_ms(r.ideal_floor_ms)} | {_ms(r.ideal_loldu_ms)} | "
+                     f"{_ms(r.ideal_loldu_ms / r.ideal_floor_ms)} |")
     return "\n".join(lines)
 
 
@@ -314,22 +367,37 @@ def run_bench(args) -> List[Result]:
     unknown = set(wanted) - set(METHODS)
     if unknown:
         raise SystemExit(f"bench: unknown methods {sorted(unknown)}; choose from {METHODS}")
-    results = []
-    for M, K, N in shapes:
-        for rank_text in ranks:
-            rank = min(K, N) if rank_text == "full" else int(rank_text)
-            case = bench_case(M, K, N, rank, dtype, device, wanted, args.repeats or 15)
-            results += case
-            print(markdown(case).split("\n", 2)[2], flush=True)
+    gpu = gpu_name(device, getattr(args, "gpu", None))
+    if gpu:
+        print(f"roofline columns: {gpu} ({GPU_PEAKS[gpu][str(dtype).replace('torch.', '')] / 1e12:.0f} TFLOP/s "
+              f"{str(dtype).replace('torch.', '')}, {GPU_PEAKS[gpu]['bytes'] / 1e12:.2f} TB/s)")
+    missing = [m for m in ("peft_lora", "peft_vera") if m in wanted and importlib.util.find_spec("peft") is None]
+    if missing:
+        print(f"note: peft is not installed; skipping the {', '.join(missing)} rows")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
+    results = []
+    # Every case's rows go to the files as soon as they are measured: a run cut short keeps what it measured.
+    with open(out / "bench.csv", "w", newline="") as csv_file, open(out / "bench.md", "w") as md_file:
+        writer = csv.DictWriter(csv_file, fieldnames=list(asdict(Result("", "", 0, 0, 0, 0, "", 0, 0, 0))))
         writer.writeheader()
-        writer.writerows(asdict(r) for r in results)
-    table = markdown(results)
-    (out / "bench.md").write_text(table + "\n")
+        md_file.write("\n".join(MARKDOWN_HEADER) + "\n")
+        print("\n".join(MARKDOWN_HEADER), flush=True)
+        for M, K, N in shapes:
+            for rank_text in ranks:
+                rank = min(K, N) if rank_text == "full" else int(rank_text)
+                case = bench_case(M, K, N, rank, dtype, device, wanted, args.repeats or 15)
+                if gpu:
+                    floor, ideal = ideal_ms(M, K, N, rank, str(dtype).replace("torch.", ""), gpu)
+                    for r in case:
+                        r.ideal_floor_ms, r.ideal_loldu_ms = floor, ideal
+                results += case
+                writer.writerows(asdict(r) for r in case)
+                csv_file.flush()
+                rows = markdown(case, header=False)
+                md_file.write(rows + "\n")
+                md_file.flush()
+                print(rows, flush=True)
     plot(results, out / "bench.png")
-    print(table)
     print(f"wrote {out / 'bench.csv'}, {out / 'bench.md'}, {out / 'bench.png'}")
     return results

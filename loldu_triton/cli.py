@@ -1,4 +1,5 @@
-"""The ``loldu-triton`` command: ``demo`` (the main job) and ``bench`` (layer benchmark)."""
+"""The ``loldu-triton`` command: ``demo`` (the main job), ``bench`` (layer benchmark) and ``compile-check``
+(every kernel variant compiled for a GPU target, without a GPU)."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +20,12 @@ def _bench(args) -> int:
 
     run_bench(args)
     return 0
+
+
+def _compile_check(args) -> int:
+    from .kernels.compile_check import main as check
+
+    return check(args.arch, scope="quick" if args.quick else args.scope, json_path=args.json, jobs=args.jobs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,8 +73,32 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead of the layer table: time one batch (as many rows as the largest count, "
                             "8 tokens each) whose rows use 1, 10, ... different adapters, against one adapter; "
                             "e.g. 1,10,100,1000")
-    bench.add_argument("--out", default="./loldu-bench", help="output directory for CSV, markdown and PNG")
+    bench.add_argument("--gpu", default=None, choices=["H100", "H200", "A100"],
+                       help="roofline columns (ideal frozen-layer and LoLDU forward+backward time, their ratio) "
+                            "for this GPU; default: the CUDA device's if it is one of these, else none")
+    bench.add_argument("--out", default="./loldu-bench", help="output directory for CSV, markdown and PNG; each "
+                       "case's rows are written as soon as they are measured")
     bench.set_defaults(func=_bench)
+
+    check = sub.add_parser(
+        "compile-check",
+        help="compile every kernel variant for a GPU target without a GPU; report registers, spills, smem",
+        description="Compile every variant the kernel launchers can produce (kernel x autotune config offered "
+        "for the target x dtype x route) for sm_90 or sm_80 with the ptxas in the triton wheel; no GPU needed. "
+        "Prints a summary per kernel and dtype and every problem found: a variant that does not compile, shared "
+        "memory over the target's limit, spills in fp16/bf16, no tensor-core instruction, no wgmma in a 2-byte "
+        "GEMM tile on sm_90. Exits 1 if any. On a GPU machine it also fills Triton's cache for the JIT.",
+    )
+    check.add_argument("--arch", type=int, default=90, choices=[90, 80], help="compute capability (default: 90)")
+    check.add_argument("--json", default=None, metavar="FILE", help="write one JSON record per variant to FILE")
+    check.add_argument("--quick", action="store_true",
+                       help="only the widest operands of each dtype class (bf16 with fp32 factors, fp32), side "
+                            "route, prefill and decode: every autotune config once, for CI")
+    check.add_argument("--scope", default="full", choices=["full", "quick", "gpu-check"],
+                       help="full (default): every dtype, factor dtype, quantized base and route; quick: as "
+                            "--quick; gpu-check: what benchmarks/gpu_check.sh runs, to compile it ahead in parallel")
+    check.add_argument("--jobs", type=int, default=1, help="compile in this many processes (default: 1)")
+    check.set_defaults(func=_compile_check)
     return parser
 
 

@@ -1,9 +1,11 @@
 import csv
+import importlib.util
 from types import SimpleNamespace
 
+import pytest
 import torch
 
-from loldu_triton.bench import build_methods, run_bench, saved_bytes
+from loldu_triton.bench import build_methods, ideal_ms, run_bench, saved_bytes
 
 
 def test_every_peer_computes_the_same_layer():
@@ -30,8 +32,9 @@ def test_bench_writes_csv_markdown_and_plot_with_ratios_to_the_floor(tmp_path):
                            repeats=2, out=str(tmp_path))
     results = run_bench(args)
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
-    # linear, loldu, loldu_int8, loldu_fp8, loldu_unfused, seed_param; PEFT is absent here
-    assert len(rows) == len(results) == 2 * 6
+    # linear, loldu, loldu_int8, loldu_fp8, loldu_unfused, seed_param, and PEFT LoRA and VeRA where installed
+    peft = importlib.util.find_spec("peft") is not None
+    assert len(rows) == len(results) == 2 * (6 + 2 * peft)
     stored = {(r["rank"], r["method"]): float(r["weights_mb"]) for r in rows}
     for rank in ("4", "24"):  # a 1-byte base saves 3 of every 4 bytes of the float32 weight
         saved = stored[(rank, "loldu")] - stored[(rank, "loldu_int8")]
@@ -53,3 +56,35 @@ def test_adapter_batch_bench_reports_every_count(tmp_path):
     lines = (tmp_path / "adapter_batch.md").read_text().splitlines()
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["1", "3", "12"]
     assert all(float(line.split("|")[6]) > 0 for line in lines[2:])
+
+
+def test_roofline_matches_the_design_numbers_for_h200():
+    # DESIGN.md section 5: bf16, M=8192, K=N=4096: one GEMM 278 us, the frozen layer's forward plus input
+    # gradient 556 us, compute-bound; the rank-r extras 8*M*K*r FLOPs: 1.008x at r=16, 1.031x at r=64
+    floor, ideal16 = ideal_ms(8192, 4096, 4096, 16, "bfloat16", "H200")
+    assert floor == pytest.approx(2 * 2 * 8192 * 4096**2 / 989e12 * 1e3)
+    assert abs(floor - 0.556) < 0.001
+    assert ideal16 / floor == pytest.approx(1 + 8 * 8192 * 4096 * 16 / (4 * 8192 * 4096**2), rel=1e-3)
+    assert ideal_ms(8192, 4096, 4096, 64, "bfloat16", "H200")[1] / floor == pytest.approx(1.031, abs=1e-3)
+    # decode is memory-bound: W read once per pass (33.6 MB at 4.8 TB/s, 7 us), plus L and U for LoLDU
+    floor1, ideal1 = ideal_ms(1, 4096, 4096, 4096, "bfloat16", "H200")
+    assert floor1 == pytest.approx(2 * (4096**2 + 2 * 4096) * 2 / 4.8e12 * 1e3)
+    assert ideal1 / floor1 == pytest.approx(3.0, rel=1e-3)  # full rank: L and U are as large as W
+    assert ideal_ms(8192, 4096, 4096, 16, "bfloat16", "A100")[0] > floor  # 312 TFLOP/s
+
+
+def test_bench_prints_roofline_columns_for_a_named_gpu_and_writes_rows_as_measured(tmp_path, capsys):
+    args = SimpleNamespace(device="cpu", dtype="float32", shapes="16x32x24", ranks="4", methods="linear,loldu",
+                           repeats=1, out=str(tmp_path), gpu="H100")
+    run_bench(args)
+    floor, ideal = ideal_ms(16, 32, 24, 4, "float32", "H100")
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    assert [r["method"] for r in rows] == ["linear", "loldu"]
+    assert all(float(r["ideal_floor_ms"]) == pytest.approx(floor) for r in rows)
+    assert all(float(r["ideal_loldu_ms"]) == pytest.approx(ideal) for r in rows)
+    md = (tmp_path / "bench.md").read_text().splitlines()
+    assert md[0].endswith("| ideal floor ms | ideal LoLDU ms | ideal x |") and len(md) == 4
+    assert md[3].split("|")[-2].strip() == f"{ideal / floor:.3f}"
+    assert "roofline columns: H100" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--gpu must be one of"):
+        run_bench(SimpleNamespace(**{**vars(args), "gpu": "V100"}))

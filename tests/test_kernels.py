@@ -1,248 +1,145 @@
-"""Tests of the Triton kernels in loldu_triton/kernels/loldu_linear.py.
-
-On CPU the kernels run under the Triton interpreter, which must be switched on before the kernels are defined.
-Another test module may already have imported loldu_triton in this process, so the interpreter cases run in
-one subprocess (WORKER below) that prints its results as JSON; the tests here check them. The remaining CPU
-tests run in this process without the interpreter. GPU tests run when CUDA is available.
-"""
+"""Tests of the Triton kernels in loldu_triton/kernels without the interpreter: the CPU paths (errors, fake
+tensors, what torch.compile sees), the comparison helper every kernel test uses, 3xTF32's error by emulation,
+the autotuning spaces, and the GPU tests (run when CUDA is available). The interpreter runs the kernels on CPU
+in tests/interpreted (a pytest invocation of its own)."""
 
 import importlib
+import itertools
 import logging
+import math
 import re
 
 import pytest
 import torch
+from kernel_checks import assert_close, mismatches, references
 
-from conftest import run_interpreted
+from conftest import rel_err
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
 MODULE = "loldu_triton.kernels.loldu_linear"
-TOL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
 
 
-# Runs under TRITON_INTERPRET=1 with the repository on PYTHONPATH; prints one JSON object on its last line.
-WORKER = r'''
-import json, math
-import torch
-
-import loldu_triton.kernels.loldu_linear as k
-
-assert k._INTERPRET, "worker must run with TRITON_INTERPRET=1"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-NAN = float("nan")
+# ---- the comparison helper --------------------------------------------------------------------------------------
 
 
-def rel(actual, ref):
-    err = float((actual.double() - ref).norm() / ref.norm())
-    return err if math.isfinite(err) else float("inf")
-
-
-def layout(a, kind):
-    """The same values with other strides: column-major, or every other column of a wider buffer."""
-    if kind == "transposed":
-        return a.t().contiguous().t()
-    if kind == "strided":
-        buf = torch.full((a.shape[0], 2 * a.shape[1]), NAN, dtype=a.dtype)
-        buf[:, ::2] = a
-        return buf[:, ::2]
-    return a
-
-
-def poisoned(rows, cols, dtype):
-    """A NaN-filled (rows, cols) view inside a larger NaN buffer, to catch unwritten and out-of-bounds elements."""
-    buf = torch.full((rows + 2, cols + 3), NAN, dtype=dtype)
-    return buf, buf[1:rows + 1, 2:cols + 2]
-
-
-def check_poison(buf, view):
-    inside = torch.zeros(buf.shape, dtype=torch.bool)
-    inside[1:view.shape[0] + 1, 2:view.shape[1] + 2] = True
-    return {"written": not bool(view.isnan().any()), "outside_intact": bool(buf[~inside].isnan().all())}
-
-
-def make_case(M, K, N, r, dtype, params_fp32, seed):
+def _bf16_case(M, K, N, r, seed=0):
     g = torch.Generator().manual_seed(seed)
-    pdt = torch.float32 if params_fp32 else dtype
-
-    def rnd(*shape, scale=1.0, dt=dtype):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dt)
-
-    # Scaled so the base GEMM and the rank-r term are of the same size; e kept away from zero.
-    e = (torch.randn(r, generator=g) + torch.where(torch.rand(r, generator=g) < 0.5, -0.5, 0.5)).float()
-    return dict(x=rnd(M, K), weight=rnd(N, K, scale=K ** -0.5, dt=pdt), bias=rnd(N, dt=pdt),
-                L=rnd(N, r, scale=r ** -0.5, dt=pdt), U=rnd(r, K, scale=K ** -0.5, dt=pdt), e=e, dy=rnd(M, N))
+    x, W = torch.randn(M, K, generator=g).bfloat16(), (torch.randn(N, K, generator=g) * K ** -0.5).bfloat16()
+    L, U = (torch.randn(N, r, generator=g) * r ** -0.5).bfloat16(), (torch.randn(r, K, generator=g) * K ** -0.5).bfloat16()
+    return x, W, None, L, U, torch.randn(r, generator=g) + 1.0, torch.randn(M, N, generator=g).bfloat16()
 
 
-def run_case(i, M, K, N, r, dname):
-    dtype = DTYPES[dname]
-    params_fp32 = dtype != torch.float32 and i % 4 >= 2
-    c = make_case(M, K, N, r, dtype, params_fp32, seed=1000 + i)
-    with_bias = i % 2 == 0
-    x_layout, dy_layout = ["contiguous", "transposed", "strided"][i % 3], ["strided", "contiguous", "transposed"][i % 3]
-    x, dy = layout(c["x"], x_layout), layout(c["dy"], dy_layout)
-    bias = c["bias"] if with_bias else None
-    X, W, L, U, e, dY = (c[n].double() for n in ("x", "weight", "L", "U", "e", "dy"))
-    t_ref = X @ U.T
-    y_ref = X @ W.T + (t_ref * e) @ L.T + (c["bias"].double() if with_bias else 0)
-    w_ref = W + (L * e) @ U
-
-    rec = dict(i=i, M=M, K=K, N=N, r=r, dtype=dname, params_fp32=params_fp32, bias=with_bias, x_layout=x_layout,
-               dy_layout=dy_layout, err={}, poison={}, dtypes={}, agree={})
-    outs = {}
-    t_saved = None
-    for route in ("side", "merged"):
-        buf, y_out = poisoned(M, N, dtype)
-        y, t = k.forward(x, c["weight"], bias, c["L"], c["U"], c["e"], route=route, y_out=y_out)
-        assert y is y_out
-        t_saved = t if t_saved is None else t_saved
-        rec["err"][f"y/{route}"] = rel(y, y_ref)
-        rec["err"][f"t/{route}"] = rel(t, t_ref)
-        rec["poison"][f"y/{route}"] = check_poison(buf, y)
-        rec["dtypes"][f"y/{route}"] = [str(y.dtype), str(t.dtype), list(t.shape)]
-
-        v = dY @ L
-        dx_ref = dY @ W + (v * e) @ U
-        ge_ref = (t_saved.double() * v).sum(0)
-        buf, dx_out = poisoned(M, K, dtype)
-        dx, ge = k.backward(dy, t_saved, c["weight"], c["L"], c["U"], c["e"], route=route, dx_out=dx_out)
-        assert dx is dx_out
-        rec["err"][f"dx/{route}"] = rel(dx, dx_ref)
-        rec["err"][f"grad_e/{route}"] = rel(ge, ge_ref)
-        rec["poison"][f"dx/{route}"] = check_poison(buf, dx)
-        rec["dtypes"][f"dx/{route}"] = [str(dx.dtype), str(ge.dtype), list(ge.shape)]
-        outs[route] = (y, dx, ge)
-    for j, name in enumerate(("y", "dx", "grad_e")):
-        ref = {"y": y_ref, "dx": dx_ref, "grad_e": ge_ref}[name]
-        rec["agree"][name] = float((outs["side"][j].double() - outs["merged"][j].double()).norm() / ref.norm())
-
-    buf, w_out = poisoned(N, K, c["weight"].dtype)
-    w_eff = k.merge(c["weight"], c["L"], c["U"], c["e"], out=w_out)
-    rec["err"]["merge"] = rel(w_eff, w_ref)
-    rec["poison"]["merge"] = check_poison(buf, w_eff)
-    rec["dtypes"]["merge"] = [str(w_eff.dtype), str(c["weight"].dtype)]
-    return rec
+def test_one_wrong_row_at_large_m_fails_elementwise_though_the_whole_tensor_error_is_small():
+    x, W, b, L, U, e, dy = _bf16_case(8192, 256, 64, 16)
+    ref, scale, n = references(x, W, b, L, U, e, dy)["y"]
+    good = ref.bfloat16()  # the correct output, rounded as a bf16 kernel would write it
+    assert not mismatches(good, ref, scale, n, torch.bfloat16)
+    wrong = good.clone()
+    wrong[4321] = (x[4321].double() @ W.double().T).bfloat16()  # one row without its rank-r term
+    assert rel_err(wrong, ref) < 2e-2  # what a relative Frobenius check with bf16's tolerance would accept
+    bad = mismatches(wrong, ref, scale, n, torch.bfloat16, "y")
+    assert bad and bad[0].startswith("y: ") and all("(4321," in line for line in bad[1:])
 
 
-def default_path():
-    """The registered ops (no out=, route from the planner), torch.compile and opcheck, on one small case."""
-    c = make_case(37, 45, 29, 5, torch.float32, False, seed=7)
-    args = (c["x"], c["weight"], c["bias"], c["L"], c["U"], c["e"])
-    res = {}
-    y, t = k.forward(*args)
-    y_s, t_s = k.forward(*args, route="side", y_out=torch.empty_like(y))
-    dx, ge = k.backward(c["dy"], t, c["weight"], c["L"], c["U"], c["e"])
-    dx_s, ge_s = k.backward(c["dy"], t, c["weight"], c["L"], c["U"], c["e"], route="side", dx_out=torch.empty_like(dx))
-    w = k.merge(c["weight"], c["L"], c["U"], c["e"])
-    w_s = k.merge(c["weight"], c["L"], c["U"], c["e"], out=torch.empty_like(w))
-    res["plan"] = k.plan(37, 45, 29, 5, 4)
-    res["same_as_out_path"] = all(torch.equal(a, b) for a, b in [(y, y_s), (t, t_s), (dx, dx_s), (ge, ge_s), (w, w_s)])
-
-    def f(x, weight, bias, L, U, e, dy):
-        y, t = k.forward(x, weight, bias, L, U, e)
-        dx, ge = k.backward(dy, t, weight, L, U, e)
-        return y, t, dx, ge, k.merge(weight, L, U, e)
-
-    eager = f(*args, c["dy"])
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(*args, c["dy"])
-    res["compile_fullgraph_matches"] = all(torch.equal(a, b) for a, b in zip(eager, compiled))
-
-    res["opcheck"] = {}
-    for name, op_args in [("fwd", args + ("merged",)),
-                          ("bwd", (c["dy"], t, c["weight"], c["L"], c["U"], c["e"], "side")),
-                          ("merge", (c["weight"], c["L"], c["U"], c["e"]))]:
-        report = torch.library.opcheck(getattr(torch.ops.loldu_triton, name).default, op_args)
-        res["opcheck"][name] = sorted(set(report.values()))
-
-    y0, t0 = k.forward(c["x"][:0], c["weight"], c["bias"], c["L"], c["U"], c["e"])
-    dx0, ge0 = k.backward(c["dy"][:0], t0, c["weight"], c["L"], c["U"], c["e"])
-    res["empty_batch"] = [list(y0.shape), list(t0.shape), list(dx0.shape), ge0.tolist()]
-
-    errors = {}
-    for label, call in [("route", lambda: k.forward(*args, route="fast")),
-                        ("e_dtype", lambda: k.forward(*args[:5], c["e"].double())),
-                        ("rank", lambda: k.forward(c["x"], c["weight"], None, c["L"][:, :3], c["U"], c["e"]))]:
-        try:
-            call()
-            errors[label] = None
-        except Exception as ex:
-            errors[label] = type(ex).__name__
-    res["errors"] = errors
-
-    e_strided = torch.stack([c["e"], -c["e"]], 1).reshape(-1)[::2]  # the same values with stride 2
-    res["strided_e"] = torch.equal(k.forward(*args[:5], e_strided)[0], y)
-    return res
+def test_nan_never_passes_and_only_the_poisoned_element_is_reported():
+    ref = torch.randn(5, 7, dtype=torch.float64)
+    got = ref.float()
+    got[2, 3] = float("nan")
+    bad = mismatches(got, ref, ref.abs() + 1, 4, torch.float32)
+    assert len(bad) == 2 and "(2, 3)" in bad[1]
+    with pytest.raises(AssertionError, match="1 of 35 elements"):
+        assert_close(got, ref, ref.abs() + 1, 4, torch.float32)
 
 
-cases = []
-i = 0
-for M in (1, 37):
-    for K, N in ((45, 29), (130, 45), (29, 130)):
-        for r in sorted({1, 5, 16, min(K, N)}):
-            for dname in DTYPES:
-                cases.append(run_case(i, M, K, N, r, dname))
-                i += 1
-print(json.dumps({"cases": cases, "default": default_path()}))
-'''
+# ---- 3xTF32 -----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def interpreted():
-    return run_interpreted(WORKER)
+def _tf32(a):
+    """Round fp32 to tf32 (10 explicit mantissa bits), to nearest, ties away: cvt.rna.tf32.f32."""
+    bits = a.float().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
 
 
-def _label(case):
-    keys = ("M", "K", "N", "r", "dtype", "params_fp32", "bias", "x_layout", "dy_layout")
-    return " ".join(f"{key}={case[key]}" for key in keys)
+def test_3xtf32_error_against_float64_is_within_fp32_tolerance():
+    """What the kernels compute for fp32 under "highest" (input_precision="tf32x3"): each operand split into
+    big = tf32(a) and small = tf32(a - big), and big*big + big*small + small*big accumulated in fp32 (the
+    small*small term is dropped). Emulated here, since the interpreter computes any precision as fp32; a
+    plain tf32 dot fails the same tolerance, so the test tells the two apart."""
+    g = torch.Generator().manual_seed(0)
+    M, K, N = 64, 4096, 48
+    a, b = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g)
+    exact = a.double() @ b.double()
+    scale = a.double().abs() @ b.double().abs()
+    a_big, b_big = _tf32(a), _tf32(b)
+    a_small, b_small = _tf32(a - a_big), _tf32(b - b_big)
+    x3 = (a_big @ b_big) + (a_big @ b_small) + (a_small @ b_big)  # fp32 products and sums, as the MMAs do
+    assert not mismatches(x3, exact, scale, K, torch.float32, "3xtf32")
+    assert mismatches(a_big @ b_big, exact, scale, K, torch.float32, "tf32")
+    import loldu_triton.kernels.common as common
+
+    default = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert common.precision(torch.float32) == "tf32x3"
+        torch.set_float32_matmul_precision("high")
+        assert common.precision(torch.float32) == "tf32"
+        assert common.precision(torch.bfloat16) == "tf32"  # ignored by 2-byte dots
+    finally:
+        torch.set_float32_matmul_precision(default)
 
 
-def test_interpreter_covers_the_grid(interpreted):
-    cases = interpreted["cases"]
-    assert len(cases) == 72
-    assert {c["M"] for c in cases} == {1, 37}
-    assert {(c["K"], c["N"]) for c in cases} == {(45, 29), (130, 45), (29, 130)}
-    assert {c["dtype"] for c in cases} == set(TOL)
-    assert {c["x_layout"] for c in cases} == {"contiguous", "transposed", "strided"}
-    assert {c["bias"] for c in cases} == {True, False}
-    assert {c["params_fp32"] for c in cases} == {True, False}
+# ---- autotuning spaces -----------------------------------------------------------------------------------------
 
 
-def test_match_float64_reference(interpreted):
-    bad = [f"{_label(c)} {name}: {err:.2e}"
-           for c in interpreted["cases"] for name, err in c["err"].items() if not err < TOL[c["dtype"]]]
-    assert not bad, "relative Frobenius error above tolerance:\n" + "\n".join(bad)
+def test_rank_steps_pad_r_to_a_multiple_of_16_only():
+    from loldu_triton.kernels.gemm import rank_step
+
+    for R in (1, 5, 16, 17, 32, 48, 64, 80, 96, 1000, 4096):
+        step, prefetch = rank_step(R)
+        r16 = math.ceil(R / 16) * 16
+        assert step in (16, 32, 64) and r16 % step == 0 and (step == 64 or step == r16 & -r16)
+        assert prefetch == (r16 <= 32) and (not prefetch or step == r16)
 
 
-def test_routes_agree(interpreted):
-    bad = [f"{_label(c)} {name}: {diff:.2e}"
-           for c in interpreted["cases"] for name, diff in c["agree"].items() if not diff < 2 * TOL[c["dtype"]]]
-    assert not bad, "side and merged routes differ:\n" + "\n".join(bad)
+def _named(**kw):
+    meta = dict(device="meta")
+    return {"a_ptr": torch.empty(1, dtype=kw.pop("a", torch.bfloat16), **meta),
+            "b_ptr": torch.empty(1, dtype=kw.pop("b", torch.bfloat16), **meta),
+            "b2_ptr": torch.empty(1, dtype=kw.pop("b2", torch.bfloat16), **meta), **kw}
 
 
-def test_poisoned_outputs_fully_written_and_nothing_outside(interpreted):
-    bad = [f"{_label(c)} {name}: {flags}"
-           for c in interpreted["cases"] for name, flags in c["poison"].items() if not all(flags.values())]
-    assert not bad, "\n".join(bad)
+@pytest.mark.parametrize("arch", [90, 80])
+def test_gemm_configs_are_pruned_by_dtype_m_and_shared_memory(arch):
+    from loldu_triton.kernels import configs
+
+    pool = configs.GEMM_HALF + configs.GEMM_FP32
+    with configs.target(arch):
+        limit = configs.smem_limit()
+        for a, b in [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.int8), (torch.float32, torch.float32),
+                     (torch.bfloat16, torch.float32)]:
+            for bucket, per_row in itertools.product((16, 64, 256, 16384), (False, True)):
+                kept = configs.prune_gemm(pool + [configs.GEMM_HALF_SMALL], _named(a=a, b=b, b2=b, M_BUCKET=bucket),
+                                          LOWRANK=True, R_STEP=64, PER_ROW=per_row)
+                assert kept
+                assert all(configs.member(c, configs.GEMM_FP32) == (a == torch.float32) for c in kept)
+                assert all((c.kwargs["BLOCK_M"] <= 32) == (bucket <= 64) for c in kept)
+                # fits, by the estimate compile-check checks (per-row over an fp32 weight on an A100: only
+                # the small fallback tile does)
+                assert all(configs.gemm_smem(c, a.itemsize, b.itemsize, 64, b.itemsize, per_row) <= limit
+                           for c in kept)
+    kept = {}
+    for target in (90, 80):  # with fp32 weights under bf16 activations, deep pipelines fit Hopper, not an A100
+        with configs.target(target):
+            kept[target] = configs.prune_gemm(pool, _named(b=torch.float32, M_BUCKET=16384), LOWRANK=False)
+    assert set(kept[80]) < set(kept[90])
 
 
-def test_output_dtypes(interpreted):
-    for c in interpreted["cases"]:
-        dt = f"torch.{c['dtype']}"
-        for route in ("side", "merged"):
-            assert c["dtypes"][f"y/{route}"] == [dt, dt, [c["M"], c["r"]]], _label(c)
-            assert c["dtypes"][f"dx/{route}"] == [dt, "torch.float32", [c["r"]]], _label(c)
-        assert c["dtypes"]["merge"][0] == c["dtypes"]["merge"][1], _label(c)
+def test_backward_gemm_is_tuned_apart_from_the_forward():
+    from loldu_triton.kernels import gemm
 
-
-def test_registered_ops_compile_and_opcheck(interpreted):
-    res = interpreted["default"]
-    assert res["plan"] == "side"
-    assert res["same_as_out_path"]
-    assert res["compile_fullgraph_matches"]
-    assert res["opcheck"] == {"fwd": ["SUCCESS"], "bwd": ["SUCCESS"], "merge": ["SUCCESS"]}
-    assert res["empty_batch"] == [[0, 29], [0, 5], [0, 45], [0.0] * 5]
-    assert res["errors"] == {"route": "ValueError", "e_dtype": "TypeError", "rank": "ValueError"}
-    assert res["strided_e"]
+    assert gemm.gemm_fwd is not gemm.gemm_bwd and gemm.gemm_fwd.fn is gemm.gemm_bwd.fn
+    assert gemm.gemm_fwd.cache is not gemm.gemm_bwd.cache
 
 
 # ---- this process, no interpreter ------------------------------------------------------------------------------
@@ -330,7 +227,6 @@ def test_triton_ops_decompose_into_the_kernels(kernels):
 # ---- GPU ---------------------------------------------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-GPU_TOL = {torch.float32: 3e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 def _gpu_case(M, K, N, r, dtype, seed=0):
@@ -345,18 +241,21 @@ def _gpu_case(M, K, N, r, dtype, seed=0):
     return x, W, b, rnd(N, r, scale=r ** -0.5), rnd(r, K, scale=K ** -0.5), e, dy
 
 
-def _gpu_refs(x, W, b, L, U, e, dy, t):
-    X, W, b, L, U, e, dY = (a.double() for a in (x, W, b, L, U, e, dy))
-    v = dY @ L
-    return dict(y=X @ W.T + b + ((X @ U.T) * e) @ L.T, t=X @ U.T, dx=dY @ W + (v * e) @ U,
-                grad_e=(t.double() * v).sum(0), merge=W + (L * e) @ U)
+def _check_all(kernels, dtype, x, W, b, L, U, e, dy, route, poison=False, e_value=None):
+    M, K, N = x.shape[0], x.shape[1], W.shape[0]
+    nan = dict(device="cuda", dtype=dtype)
+    y_out = torch.full((M, N), float("nan"), **nan) if poison else None
+    dx_out = torch.full((M, K), float("nan"), **nan) if poison else None
+    y, t = kernels.forward(x, W, b, L, U, e, route=route, y_out=y_out)
+    dx, ge = kernels.backward(dy, t, W, L, U, e, route=route, dx_out=dx_out)
+    ref = references(x, W, b, L, U, e if e_value is None else e_value, dy, t)
+    bad = []
+    for name, out in (("y", y), ("t", t), ("dx", dx), ("grad_e", ge)):
+        bad += mismatches(out, *ref[name], dtype, f"M={M} K={K} N={N} r={L.shape[1]} {route} {name}")
+    return bad, ref
 
 
-def _rel(a, ref):
-    return float((a.double() - ref).norm() / ref.norm())
-
-
-# M = 8192 in bf16 only, to keep the autotuning time down.
+# M = 8192 in bf16 only, to keep the autotuning time down (see benchmarks/gpu_check.sh).
 LARGE = [(512, r, dtype) for r in (16, 64, 1024) for dtype in (torch.bfloat16, torch.float16, torch.float32)]
 LARGE += [(8192, r, torch.bfloat16) for r in (16, 64, 1024)]
 
@@ -366,30 +265,43 @@ LARGE += [(8192, r, torch.bfloat16) for r in (16, 64, 1024)]
 def test_gpu_large(kernels, M, r, dtype):
     x, W, b, L, U, e, dy = _gpu_case(M, 4096, 4096, r, dtype)
     x_t = x.t().contiguous().t()  # column-major activations
+    bad = []
     for route in ("side", "merged"):
-        y, t = kernels.forward(x_t, W, b, L, U, e, route=route)
-        dx, ge = kernels.backward(dy, t, W, L, U, e, route=route)
-        ref = _gpu_refs(x, W, b, L, U, e, dy, t)
-        for name, out in (("y", y), ("t", t), ("dx", dx), ("grad_e", ge)):
-            assert _rel(out, ref[name]) < GPU_TOL[dtype], (route, name, _rel(out, ref[name]))
-    assert _rel(kernels.merge(W, L, U, e), ref["merge"]) < GPU_TOL[dtype]
+        found, ref = _check_all(kernels, dtype, x_t, W, b, L, U, e, dy, route)
+        bad += found
+    bad += mismatches(kernels.merge(W, L, U, e), *ref["merge"], dtype, "merge")
+    assert not bad, "\n".join(bad)
 
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_gpu_decode_odd_shapes_and_poison(kernels, dtype):
-    for M, K, N, r in ((1, 4095, 4096, 16), (37, 130, 45, 45), (300, 29, 130, 1)):
+    bad = []
+    # the decode and odd shapes of compile_check.SHAPES, which benchmarks/gpu_check.sh compiles ahead
+    for M, K, N, r in ((1, 4096, 4096, 16), (1, 4096, 4096, 4096), (37, 45, 29, 5), (37, 45, 29, 1)):
         x, W, b, L, U, e, dy = _gpu_case(M, K, N, r, dtype, seed=M)
         for route in ("side", "merged"):
-            y_out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
-            dx_out = torch.full((M, K), float("nan"), device="cuda", dtype=dtype)
-            y, t = kernels.forward(x, W, b, L, U, e, route=route, y_out=y_out)
-            dx, ge = kernels.backward(dy, t, W, L, U, e, route=route, dx_out=dx_out)
-            ref = _gpu_refs(x, W, b, L, U, e, dy, t)
-            for name, out in (("y", y), ("t", t), ("dx", dx), ("grad_e", ge)):
-                assert _rel(out, ref[name]) < GPU_TOL[dtype], (M, K, N, r, route, name)
+            found, ref = _check_all(kernels, dtype, x, W, b, L, U, e, dy, route, poison=True)
+            bad += found
         w_out = torch.full_like(W, float("nan"))
-        assert _rel(kernels.merge(W, L, U, e, out=w_out), ref["merge"]) < GPU_TOL[dtype]
+        bad += mismatches(kernels.merge(W, L, U, e, out=w_out), *ref["merge"], dtype, f"merge M={M}")
+    assert not bad, "\n".join(bad)
+
+
+@cuda
+def test_gpu_e_from_its_parts(kernels):
+    from loldu_triton.kernels.common import EParts
+
+    x, W, b, L, U, e, dy = _gpu_case(256, 1024, 768, 64, torch.bfloat16)
+    s0, s = torch.tensor([1.0], device="cuda"), torch.tensor([1.25], device="cuda")
+    d0 = torch.randn(64, device="cuda")
+    d = d0 + e / 1.25  # e = s*d - s0*d0 up to rounding
+    parts = EParts(s, d, s0, d0)
+    for route in ("side", "merged"):
+        bad, _ = _check_all(kernels, torch.bfloat16, x, W, b, L, U, parts, dy, route, e_value=s * d - s0 * d0)
+        assert not bad, "\n".join(bad)
+        y0, _ = kernels.forward(x, W, b, L, U, EParts(s0, d0, s0, d0), route=route)
+        assert torch.equal(y0, kernels.forward(x, W, b, L, U, torch.zeros_like(e), route=route)[0])
 
 
 @cuda
@@ -403,5 +315,7 @@ def test_gpu_torch_compile_fullgraph(kernels):
 
     eager = f(x, W, b, L, U, e, dy)
     compiled = torch.compile(f, fullgraph=True)(x, W, b, L, U, e, dy)
-    for a, c in zip(eager, compiled):  # autotuning may pick other tiles: equal up to rounding
-        assert _rel(c, a.double()) < GPU_TOL[torch.bfloat16]
+    ref = references(x, W, b, L, U, e, dy, eager[1])
+    for name, c in zip(("y", "t", "dx", "grad_e", "merge"), compiled):
+        # autotuning may pick other tiles than eager did: both against float64
+        assert_close(c, *ref[name], torch.bfloat16, name)

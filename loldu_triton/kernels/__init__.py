@@ -1,1 +1,1 @@
-"""Triton kernels of loldu_triton (see loldu_linear.py)."""
+"""Triton kernels of loldu_triton: the entry points are in loldu_linear.py (see its docstring for the layout)."""

@@ -1,0 +1,133 @@
+"""The two routes of a call, composed from the kernel families, and their torch.library registration.
+
+torch.compile(fullgraph=True) traces the registered ops without a graph break. On GPU they are triton_ops,
+which torch.compile decomposes into the kernels themselves. Under the interpreter wrap_triton hands back the
+raw kernel, which cannot run on fake tensors, so there they are opaque custom ops.
+"""
+
+from typing import Optional
+
+import torch
+
+from .common import INTERPRET, EParts, triton_op
+from .gemm import gemm
+from .merge import merged_weight
+from .shrink import shrink
+
+
+def _e(e, es, es0, ed0):
+    """The e the kernels take: the tensor itself, or EParts when its parts were passed (es is s)."""
+    return e if es is None else EParts(es, e, es0, ed0)
+
+
+def forward_into(x, weight, bias, L, U, e, route, y, scale=None):
+    M, K = x.shape
+    t = torch.empty((M, L.shape[1]), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return t
+    shrink(x, U, U.stride(1), U.stride(0), t)
+    if route == "side":
+        gemm(x, weight, weight.stride(1), weight.stride(0), y, (t, e, L, L.stride(1), L.stride(0)), bias,
+             scale=scale)
+    else:
+        w_eff = merged_weight(weight, L, U, e, scale)
+        gemm(x, w_eff, w_eff.stride(1), w_eff.stride(0), y, bias=bias)
+    return t
+
+
+def backward_into(dy, t, weight, L, U, e, route, dx, scale=None):
+    """dx in place; returns grad_e (float32, r). The partial sums of the shrink are added up by the GEMM."""
+    M, r = dy.shape[0], L.shape[1]
+    if M == 0:
+        return torch.zeros((r,), device=dy.device, dtype=torch.float32)
+    grad_e = torch.empty((r,), device=dy.device, dtype=torch.float32)
+    v = torch.empty((M, r), device=dy.device, dtype=dy.dtype)
+    part = shrink(dy, L, L.stride(0), L.stride(1), v, t)
+    if route == "side":
+        gemm(dy, weight, weight.stride(0), weight.stride(1), dx, (v, e, U, U.stride(0), U.stride(1)),
+             scale=scale, backward=True, grad_e=(part, grad_e))
+    else:
+        w_eff = merged_weight(weight, L, U, e, scale)
+        gemm(dy, w_eff, w_eff.stride(0), w_eff.stride(1), dx, backward=True, grad_e=(part, grad_e))
+    return grad_e
+
+
+def forward_rows_impl(x, weight, bias, L, U, e, rows, scale=None):
+    """forward with a per-row adapter: row m scales by e[rows[m]] of an (A, r) table. Returns (y, t)."""
+    M, N, r = x.shape[0], weight.shape[0], L.shape[1]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    t = torch.empty((M, r), device=x.device, dtype=x.dtype)
+    if M:
+        shrink(x, U, U.stride(1), U.stride(0), t)
+        gemm(x, weight, weight.stride(1), weight.stride(0), y, (t, e, L, L.stride(1), L.stride(0)), bias, rows=rows,
+             scale=scale)
+    return y, t
+
+
+def backward_rows_impl(dy, t, weight, L, U, e, rows, scale=None):
+    """backward with a per-row adapter: (dx, the (A, r) float32 gradient of the table)."""
+    M, K, r = dy.shape[0], weight.shape[1], L.shape[1]
+    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
+    v = torch.empty((M, r), device=dy.device, dtype=dy.dtype)
+    grad_e = torch.zeros_like(e)
+    if M:
+        shrink(dy, L, L.stride(0), L.stride(1), v)
+        gemm(dy, weight, weight.stride(0), weight.stride(1), dx, (v, e, U, U.stride(0), U.stride(1)), rows=rows,
+             scale=scale, backward=True)
+        grad_e.index_add_(0, rows, t.float() * v.float())
+    return dx, grad_e
+
+
+def _fwd_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], L: torch.Tensor,
+              U: torch.Tensor, e: torch.Tensor, route: str, scale: Optional[torch.Tensor] = None,
+              es: Optional[torch.Tensor] = None, es0: Optional[torch.Tensor] = None,
+              ed0: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
+    t = forward_into(x, weight, bias, L, U, _e(e, es, es0, ed0), route, y, scale)
+    return y, t
+
+
+def _fwd_fake(x, weight, bias, L, U, e, route, scale=None, es=None, es0=None, ed0=None):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], L.shape[1]))
+
+
+def _bwd_impl(dy: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor,
+              e: torch.Tensor, route: str, scale: Optional[torch.Tensor] = None,
+              es: Optional[torch.Tensor] = None, es0: Optional[torch.Tensor] = None,
+              ed0: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    dx = torch.empty((dy.shape[0], weight.shape[1]), device=dy.device, dtype=dy.dtype)
+    grad_e = backward_into(dy, t, weight, L, U, _e(e, es, es0, ed0), route, dx, scale)
+    return dx, grad_e
+
+
+def _bwd_fake(dy, t, weight, L, U, e, route, scale=None, es=None, es0=None, ed0=None):
+    return dy.new_empty((dy.shape[0], weight.shape[1])), e.new_empty(e.shape)
+
+
+def _merge_impl(weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor, e: torch.Tensor,
+                scale: Optional[torch.Tensor] = None, es: Optional[torch.Tensor] = None,
+                es0: Optional[torch.Tensor] = None, ed0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return merged_weight(weight, L, U, _e(e, es, es0, ed0), scale)
+
+
+def _merge_fake(weight, L, U, e, scale=None, es=None, es0=None, ed0=None):
+    return torch.empty_like(weight, dtype=L.dtype if scale is not None else weight.dtype)
+
+
+def _register(name, impl, fake):
+    make = triton_op if triton_op is not None and not INTERPRET else torch.library.custom_op
+    op = make(name, impl, mutates_args=())
+    op.register_fake(fake)
+    return op
+
+
+fwd_op = _register("loldu_triton::fwd", _fwd_impl, _fwd_fake)
+bwd_op = _register("loldu_triton::bwd", _bwd_impl, _bwd_fake)
+merge_op = _register("loldu_triton::merge", _merge_impl, _merge_fake)
+
+
+def e_operands(e):
+    """The registered ops' e arguments (e, es, es0, ed0) for e given as a tensor or as EParts."""
+    if isinstance(e, EParts):
+        return e.d, e.s, e.s0, e.d0
+    return e, None, None, None
