@@ -19,7 +19,7 @@ Per training step (``plan_step``), three more choices:
   product, cheaper once r is a large fraction of K and N (M = 2048, K = N = 1024: from r ~ 700).
 - keep W_eff: where forward and backward both merge, backward reuses forward's W_eff instead of building it
   again (saves 2*r*K*N flops and a pass over W). It costs an out x in tensor per layer held until backward, so
-  it is kept only where that is no larger than x (N <= M): never more than LoRA keeps (x and x A^T).
+  it is kept only where that is no larger than x (N <= M), which LoRA keeps for backward as well.
 """
 from __future__ import annotations
 
