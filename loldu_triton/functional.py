@@ -67,8 +67,7 @@ def _outer_grad_e(dy2, x2, L, U):
     dtype = shrink_dtype(x2.dtype)  # dY^T x sums M products: fp16 would overflow
     a = dy2.to(dtype).T @ x2.to(dtype)
     acc = torch.promote_types(dtype, torch.float32)  # fp32 accumulation, float64 kept
-    # the row-wise dot products as one batched product: no r x K temporary (half the time of (P * U).sum(1))
-    return torch.einsum("rk,rk->r", (L.to(dtype).T @ a).to(acc), U.to(acc))
+    return ((L.to(dtype).T @ a).to(acc) * U.to(acc)).sum(1)
 
 
 def _torch_backward(dy2, t, x2, weight, L, U, e, rows, step, w_eff, need_dx: bool, need_grad_e: bool):
