@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import check_backend
-from .planner import SIDE_STEP, StepPlan, plan, plan_step
+from .planner import SIDE_STEP, StepPlan, plan, plan_step, plan_step_uncached, plan_uncached
 from .quant import QUANTIZED_DTYPES, dequantize
 
 
@@ -108,9 +108,10 @@ def _step(x2, weight, e, rows, backend, need_dx, need_grad_e) -> StepPlan:
     if rows is not None:
         return SIDE_STEP
     (N, K), r = weight.shape, e.shape[-1]
+    planned = plan_step_uncached if torch.compiler.is_compiling() else plan_step
     if backend == "triton":
-        return plan_step(x2.shape[0], K, N, r, x2.element_size(), "cuda", True, need_dx, need_grad_e)
-    return plan_step(x2.shape[0], K, N, r, x2.element_size(), x2.device.type, False, need_dx, need_grad_e)
+        return planned(x2.shape[0], K, N, r, x2.element_size(), "cuda", True, need_dx, need_grad_e)
+    return planned(x2.shape[0], K, N, r, x2.element_size(), x2.device.type, False, need_dx, need_grad_e)
 
 
 def _torch_gemms(step) -> bool:
@@ -133,7 +134,8 @@ def _forward(x2, weight, bias, L, U, e, rows, scale, backend, step=None, need_t=
                                  weight_scale=scale), None)
     weight = _dense(weight, scale, x2.dtype)
     (N, K), r = weight.shape, e.shape[-1]
-    route = step.forward if step is not None else plan(x2.shape[0], K, N, r, x2.element_size(),
+    planned = plan_uncached if torch.compiler.is_compiling() else plan
+    route = step.forward if step is not None else planned(x2.shape[0], K, N, r, x2.element_size(),
                                                        x2.device.type, fused_epilogue=False)
     return _torch_forward(x2, weight, bias, L, U, e, rows, route, need_t)
 

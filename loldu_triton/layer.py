@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .config import check_backend, check_quantization, check_settings
 from .factorize import initial_diagonal, ldu_factors, warn_if_rank_deficient, weight_checksum, weight_sketch
 from .functional import _loldu_linear, loldu_merge
-from .planner import plan
+from .planner import side_rows
 from .quant import QUANTIZED_DTYPES, dequantize, quantize_weight
 
 # Adapter tensors kept in float32 whatever the layer's dtype: the trained ones and their initial values.
@@ -26,7 +26,9 @@ _FACTOR_BUFFERS = ("L", "U", "pivots", "pivot_values", "d0", "s0")
 # layer state: each thread (and asyncio task) sees only the batches it entered itself.
 _BATCH_ROWS: contextvars.ContextVar[Dict[nn.Module, torch.Tensor]] = contextvars.ContextVar("loldu_batch_rows",
                                                                                             default={})
-_DISTRIBUTED = torch.distributed.is_available()
+# Checked on every call of the no-grad shortcut (LoLDULinear._inference), so looked up once.
+_is_compiling = torch.compiler.is_compiling
+_distributed_up = torch.distributed.is_initialized if torch.distributed.is_available() else (lambda: False)
 # How many adapter_batch contexts are open in any thread. While none is, forward skips the lookup, which
 # torch.compile cannot trace.
 _open_batches = [0]
@@ -65,9 +67,7 @@ class _ScaledU(NamedTuple):
     device: torch.device
     device_type: str
     in_features: int
-    out_features: int
-    rank: int
-    itemsize: int
+    side_rows: int  # up to this many rows the planner takes the side path (planner.side_rows)
     held: tuple
 
 
@@ -440,19 +440,19 @@ class LoLDULinear(LoLDULayer, nn.Linear):
         apply: the general path then runs, with its checks and errors. Skipped under torch.compile (it traces
         the general path), autocast, a quantized base, float16 (x U^T needs float32 there), the Triton backend,
         and with torch.distributed up: FSDP and ZeRO gather parameters without bumping version counters."""
-        entry = self._scaled_u()
-        if (entry is None or x.dtype is not entry.dtype or x.dim() == 0 or x.shape[-1] != entry.in_features
-                or x.device != entry.device or torch.compiler.is_compiling()
-                or (_DISTRIBUTED and torch.distributed.is_initialized())
-                or torch.is_autocast_enabled(entry.device_type)):
+        if _is_compiling():  # before the cache: version counters are not for tracing
             return None
-        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        if plan(x2.shape[0], entry.in_features, entry.out_features, entry.rank, entry.itemsize, entry.device_type,
-                False) != "side":
+        entry = self._scaled_u()
+        dims = x.dim()
+        if (entry is None or x.dtype is not entry.dtype or dims == 0 or x.shape[-1] != entry.in_features
+                or x.device != entry.device or _distributed_up() or torch.is_autocast_enabled(entry.device_type)):
+            return None
+        x2 = x if dims == 2 else x.reshape(-1, x.shape[-1])
+        if x2.shape[0] > entry.side_rows:
             return None  # many rows: the general path merges W_eff once for the call
         y = F.linear(x2, self._parameters["weight"], self._parameters["bias"])
         y.addmm_(F.linear(x2, entry.scaled_u), entry.L_t)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+        return y if dims == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _scaled_u(self) -> Optional["_ScaledU"]:
         """The inference cache: diag(e) U in the compute dtype (as many values as U), kept while d and s are
@@ -483,7 +483,7 @@ class LoLDULinear(LoLDULayer, nn.Linear):
         with torch.no_grad():
             scaled_u = (self.scale_of(d, s)[:, None] * U).to(U.dtype)
         entry = _ScaledU(d, s, *key, U, L, scaled_u, L.T, U.dtype, U.device, U.device.type, U.shape[1],
-                         L.shape[0], U.shape[0], U.element_size(),
+                         side_rows(U.shape[1], L.shape[0], U.shape[0], U.element_size(), U.device.type, False),
                          # the detached d and s hold the storages: while the entry lives, no other tensor
                          # takes their address
                          (d.detach(), s.detach()))

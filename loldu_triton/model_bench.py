@@ -21,6 +21,7 @@ import csv
 import multiprocessing
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -75,7 +76,9 @@ def adapt(base: nn.Module, method: str, rank: int) -> nn.Module:
 
     config = (peft.LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear") if method == "peft_lora"
               else peft.VeraConfig(r=rank, target_modules="all-linear"))
-    return peft.get_peft_model(model, config)
+    with warnings.catch_warnings():  # PEFT calls transformers APIs that transformers 5 marks deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        return peft.get_peft_model(model, config)
 
 
 def trainable_values(model: nn.Module) -> int:

@@ -20,6 +20,11 @@ Per training step (``plan_step``), three more choices:
 - keep W_eff: where forward and backward both merge, backward reuses forward's W_eff instead of building it
   again (saves 2*r*K*N flops and a pass over W). It costs an out x in tensor per layer held until backward, so
   it is kept only where that is no larger than x (N <= M), which LoRA keeps for backward as well.
+
+On the CPU these picks were measured (benchmarks/planner_cpu.py, benchmarks/results/2026-11-29-cpu-planner.md):
+at the shapes measured, no value of BYTE_FLOPS["cpu"] from 0.5 to 50 changes a pick, since both GEMM routes make
+one pass over a matrix (y or W) and the grad_e crossover is set by flops; the planner's StepPlan was the fastest
+or within noise of it at every rank from 16 to full.
 """
 from __future__ import annotations
 
@@ -52,7 +57,6 @@ def _constants(itemsize: int, device_type: str, fused_epilogue: bool):
     return f, (0.0 if fused_epilogue else 2.0), LAUNCH_FLOPS.get(device_type, LAUNCH_FLOPS["cuda"])
 
 
-@functools.lru_cache(maxsize=4096)
 def plan(M: int, K: int, N: int, r: int, itemsize: int = 2, device_type: str = "cuda",
          fused_epilogue: bool = True) -> str:
     """The cheaper route of one GEMM from K to N features over M rows with a rank-r term.
@@ -65,7 +69,18 @@ def plan(M: int, K: int, N: int, r: int, itemsize: int = 2, device_type: str = "
     return "merged" if merged < side else "side"
 
 
-@functools.lru_cache(maxsize=4096)
+def side_rows(K: int, N: int, r: int, itemsize: int = 2, device_type: str = "cuda",
+              fused_epilogue: bool = True) -> int:
+    """The most rows for which plan() picks the side route (its costs are linear in M: one crossover)."""
+    lo, hi = 0, 1
+    while hi < 2**62 and plan(hi, K, N, r, itemsize, device_type, fused_epilogue) == "side":
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if plan(mid, K, N, r, itemsize, device_type, fused_epilogue) == "side" else (lo, mid)
+    return lo
+
+
 def plan_step(M: int, K: int, N: int, r: int, itemsize: int = 2, device_type: str = "cuda",
               fused_epilogue: bool = True, need_dx: bool = True, need_grad_e: bool = True) -> StepPlan:
     """The cheapest StepPlan of a forward and backward over M rows (x: M x K, W: N x K, rank r)."""
@@ -100,3 +115,10 @@ def plan_step(M: int, K: int, N: int, r: int, itemsize: int = 2, device_type: st
                 if cost < best_cost:  # ties keep the earlier plan: side and shrink keep less memory
                     best, best_cost = StepPlan(fwd, bwd, grad_e, keep), cost
     return best
+
+
+# Both are called on every training call with few distinct shapes: cached. torch.compile traces the plain
+# functions (plan_uncached, plan_step_uncached): dynamo warns about lru_cache wrappers.
+plan_uncached, plan_step_uncached = plan, plan_step
+plan = functools.lru_cache(maxsize=4096)(plan)
+plan_step = functools.lru_cache(maxsize=4096)(plan_step)

@@ -254,3 +254,14 @@ def test_bad_inputs_without_grad_still_name_the_layer(x, match):
     infer(layer, torch.randn(2, 24))
     with pytest.raises(ValueError, match=match):
         infer(layer, x)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's own
+def test_torch_compile_without_grad_traces_the_general_path():
+    torch._dynamo.reset()
+    layer = trained_layer()
+    x = torch.randn(3, 24)
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        y = compiled(x)
+    assert rel_err(y, dense(layer, x)) < 1e-6

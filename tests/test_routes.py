@@ -278,3 +278,13 @@ def test_triton_backend_takes_the_same_routes_through_the_merge_kernel():
     assert res["merged-merged-outer-True"]["calls"] == {"forward": 0, "backward": 0, "merge": 1}
     assert res["merged-None-outer-False"]["calls"] == {"forward": 0, "backward": 0, "merge": 1}
     assert res["side-merged-shrink-False"]["calls"] == {"forward": 1, "backward": 1, "merge": 0}
+
+
+def test_side_rows_is_the_planners_crossover():
+    from loldu_triton.planner import side_rows
+
+    for K, N, r, itemsize, device, fused in ((1024, 1024, 16, 4, "cpu", False), (64, 64, 64, 4, "cpu", False),
+                                             (4096, 11008, 1024, 2, "cuda", True), (24, 16, 6, 8, "cpu", False)):
+        m = side_rows(K, N, r, itemsize, device, fused)
+        assert m >= 1 and plan(m, K, N, r, itemsize, device, fused) == "side"
+        assert plan(m + 1, K, N, r, itemsize, device, fused) == "merged"
