@@ -16,7 +16,7 @@ Per training step (``plan_step``), three more choices:
 
 - grad_e: "shrink" keeps t = x U^T (M x r) and forms sum_rows(t * dY L): two M x r GEMMs, one in each pass.
   "outer" keeps x instead and forms diag(L^T (dY^T x) U^T): one N x K GEMM over the M rows plus an r x N x K
-  product, cheaper once r is a large fraction of K and N (M = 2048, K = N = 1024: from r ~ 700).
+  product, cheaper once r is a large fraction of K and N (M = 2048, K = N = 1024: from r ~ 680).
 - keep W_eff: where forward and backward both merge, backward reuses forward's W_eff instead of building it
   again (saves 2*r*K*N flops and a pass over W). It costs an out x in tensor per layer held until backward, so
   it is kept only where that is no larger than x (N <= M), which LoRA keeps for backward as well.
