@@ -19,7 +19,9 @@ Per training step (``plan_step``), three more choices:
   product, cheaper once r is a large fraction of K and N (M = 2048, K = N = 1024: from r ~ 680).
 - keep W_eff: where forward and backward both merge, backward reuses forward's W_eff instead of building it
   again (saves 2*r*K*N flops and a pass over W). It costs an out x in tensor per layer held until backward, so
-  it is kept only where that is no larger than x (N <= M), which LoRA keeps for backward as well.
+  it is kept only where that is no larger than x (N <= M), which LoRA keeps for backward as well, and where the
+  merge it saves is at least 1/32 of the two GEMMs (r >= M/16 for square layers): below that the time saved is
+  under this CPU's noise and the memory is not.
 
 On the CPU these picks were measured (benchmarks/planner_cpu.py, benchmarks/results/2026-11-29-cpu-planner.md):
 at the shapes measured, no value of BYTE_FLOPS["cpu"] from 0.5 to 50 changes a pick, since both GEMM routes make
@@ -102,7 +104,7 @@ def plan_step(M: int, K: int, N: int, r: int, itemsize: int = 2, device_type: st
     for fwd in ROUTES:
         for bwd in (ROUTES if need_dx else (None,)):
             for grad_e in (GRAD_E_ROUTES if need_grad_e else (None,)):
-                keep = fwd == bwd == "merged" and N <= M
+                keep = fwd == bwd == "merged" and N <= M and 32.0 * merge >= gemm(M, K, N) + gemm(M, N, K)
                 cost = gemm(M, K, N) + (shrink(M, K) + epilogue(M, N) if fwd == "side" else merge)
                 if fwd == "merged" and grad_e == "shrink":
                     cost += shrink(M, K)  # t, which the side route computes anyway
