@@ -24,9 +24,9 @@ Per training step (``plan_step``), three more choices:
   under this CPU's noise and the memory is not.
 
 On the CPU these picks were measured (benchmarks/planner_cpu.py, benchmarks/results/2026-11-29-cpu-planner.md):
-at the shapes measured, no value of BYTE_FLOPS["cpu"] from 0.5 to 50 changes a pick, since both GEMM routes make
-one pass over a matrix (y or W) and the grad_e crossover is set by flops; the planner's StepPlan was the fastest
-or within noise of it at every rank from 16 to full.
+BYTE_FLOPS["cpu"] from 0.5 to 50 changes no GEMM route (both make one pass over a matrix, y or W) and no grad_e
+route (set by flops), only whether W_eff is kept at low rank, within the noise; the planner's StepPlan was the
+fastest at r = 256 to full and within 7% of it at r = 16 and 64.
 """
 from __future__ import annotations
 
