@@ -23,7 +23,10 @@ setup(
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60",
                  "transformers>=4.57,<6"],
-        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4.60"],
+        # PEFT's LoRA and VeRA rows (tested with peft 0.21.2 on python 3.11, torch 2.13.0+cpu); transformers
+        # builds the models of `bench --model`
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4.60", "peft>=0.21.2,<0.22",
+                  "transformers>=4.57,<6"],
         "demo": ["matplotlib>=3.7", "tqdm>=4.60", "scikit-learn>=1.3"],
     },
     entry_points={"console_scripts": ["loldu-triton=loldu_triton.cli:main"]},

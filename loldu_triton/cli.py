@@ -1,5 +1,5 @@
-"""The ``loldu-triton`` command: ``demo`` (the main job), ``bench`` (layer benchmark) and ``compile-check``
-(every kernel variant compiled for a GPU target, without a GPU)."""
+"""The ``loldu-triton`` command: ``demo`` (the main job), ``bench`` (layer, per-call and model benchmarks)
+and ``compile-check`` (every kernel variant compiled for a GPU target, without a GPU)."""
 from __future__ import annotations
 
 import argparse
@@ -16,9 +16,18 @@ def _demo(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import run_bench
+    if args.model:
+        from .model_bench import run_model_bench
 
-    run_bench(args)
+        run_model_bench(args)
+    elif args.inference:
+        from .bench_inference import run_inference_bench
+
+        run_inference_bench(args)
+    else:
+        from .bench import run_bench
+
+        run_bench(args)
     return 0
 
 
@@ -76,6 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--gpu", default=None, choices=["H100", "H200", "A100"],
                        help="roofline columns (ideal frozen-layer and LoLDU forward+backward time, their ratio) "
                             "for this GPU; default: the CUDA device's if it is one of these, else none")
+    bench.add_argument("--model", default=None, choices=["minilm", "llama"],
+                       help="instead of the layer table: one training step of a whole transformers model built "
+                            "from a config (random weights, no download; minilm: MiniLM-L6-H384, a BERT encoder; "
+                            "llama: a 4-layer Llama of width 512) with every attention and MLP Linear adapted: "
+                            "the frozen base, LoLDU, PEFT LoRA and VeRA at each rank (default ranks 16,64,256): "
+                            "step time and its ratio to the frozen base, trainable values, peak memory")
+    bench.add_argument("--batch", default=None, metavar="BxS",
+                       help="batch x sequence length for --model (default: 16x128 for minilm, 8x128 for llama)")
+    bench.add_argument("--no-memory", action="store_true",
+                       help="--model without the peak-memory column (it runs each method in a process of its own)")
+    bench.add_argument("--inference", action="store_true",
+                       help="instead of the layer table: the per-call time of LoLDULinear without autograd "
+                            "(torch.no_grad) against nn.Linear on the CPU; default shape 1x64x64 (decode), "
+                            "ranks 16,full")
     bench.add_argument("--out", default="./loldu-bench", help="output directory for CSV, markdown and PNG; each "
                        "case's rows are written as soon as they are measured")
     bench.set_defaults(func=_bench)

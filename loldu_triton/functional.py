@@ -1,19 +1,20 @@
-"""``loldu_linear``: y = x W^T + b + ((x U^T) * e) L^T, with a backward that saves only t = x U^T.
+"""``loldu_linear``: y = x W^T + b + ((x U^T) * e) L^T, with a backward that saves only t = x U^T at low rank.
 
 Two backends share one autograd.Function: "torch" (any device, the reference) and "triton" (the fused kernels
 in ``loldu_triton.kernels``). Per call the planner (``loldu_triton.planner``) picks the side path, which never
-builds the out x in delta, or, where that is cheaper (many rows, large rank), merging W_eff once for one GEMM.
+builds the out x in delta, or, where that is cheaper (many rows, large rank), merging W_eff once for one GEMM;
+at high rank also grad_e from dY^T x (x kept instead of t) and forward's W_eff kept for backward.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .config import check_backend
-from .planner import plan
+from .planner import SIDE_STEP, StepPlan, plan, plan_step, plan_step_uncached, plan_uncached
 from .quant import QUANTIZED_DTYPES, dequantize
 
 
@@ -48,34 +49,47 @@ def _shrink_t(x2, U):
     return F.linear(x2, U) if dtype == x2.dtype else F.linear(x2.to(dtype), U.to(dtype))
 
 
-def _torch_forward(x2, weight, bias, L, U, e, rows, need_t=True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(y, t); the merged route computes t = x U^T only when backward needs it (at full rank it costs a GEMM)."""
-    (N, K), r = weight.shape, e.shape[-1]
-    if rows is None and plan(x2.shape[0], K, N, r, x2.element_size(), x2.device.type,
-                             fused_epilogue=False) == "merged":
-        return F.linear(x2, _torch_merge(weight, L, U, e), bias), _shrink_t(x2, U) if need_t else None
+def _torch_forward(x2, weight, bias, L, U, e, rows, route, need_t=True):
+    """(y, t, W_eff). t = x U^T: the side route computes it for its epilogue, the merged route only where
+    backward needs it (at full rank it costs a GEMM). W_eff: the merged route's weight, else None."""
+    if rows is None and route == "merged":
+        w_eff = _torch_merge(weight, L, U, e)
+        return F.linear(x2, w_eff, bias), (_shrink_t(x2, U) if need_t else None), w_eff
     t = _shrink_t(x2, U)
     y = F.linear(x2, weight, bias)
     y.addmm_((t * (e if rows is None else e[rows])).to(y.dtype), L.T)
-    return y, t
+    return y, t, None
 
 
-def _torch_backward(dy2, t, weight, L, U, e, rows, need_dx: bool, need_grad_e: bool):
-    v = dy2 @ L
+def _outer_grad_e(dy2, x2, L, U):
+    """grad_e = diag(L^T (dY^T x) U^T): one N x K GEMM over the rows and an r x N x K product, instead of the
+    two M x r GEMMs of sum_rows((x U^T) * (dY L)). Differentiable in dY and x (a double backward needs that)."""
+    dtype = shrink_dtype(x2.dtype)  # dY^T x sums M products: fp16 would overflow
+    a = dy2.to(dtype).T @ x2.to(dtype)
+    acc = torch.promote_types(dtype, torch.float32)  # fp32 accumulation, float64 kept
+    return ((L.to(dtype).T @ a).to(acc) * U.to(acc)).sum(1)
+
+
+def _torch_backward(dy2, t, x2, weight, L, U, e, rows, step, w_eff, need_dx: bool, need_grad_e: bool):
+    """(dX, grad_e) by the routes of ``step``; w_eff is forward's merged weight where it was kept (never under
+    create_graph: it carries no graph to e)."""
+    e_rows = e if rows is None else e[rows]
+    v = dy2 @ L if (need_dx and step.backward == "side") or (need_grad_e and step.grad_e == "shrink") else None
     grad_e = None
     if need_grad_e:
-        acc = torch.promote_types(t.dtype, torch.float32)  # fp32 accumulation, float64 kept
-        tv = t.to(acc) * v.to(acc)
-        grad_e = tv.sum(0) if rows is None else torch.zeros_like(e).index_add_(0, rows, tv)
+        if step.grad_e == "outer":
+            grad_e = _outer_grad_e(dy2, x2, L, U)
+        else:
+            acc = torch.promote_types(t.dtype, torch.float32)  # fp32 accumulation, float64 kept
+            tv = t.to(acc) * v.to(acc)
+            grad_e = tv.sum(0) if rows is None else torch.zeros_like(e).index_add_(0, rows, tv)
     dx2 = None
     if need_dx:
-        (N, K), r = weight.shape, e.shape[-1]
-        if rows is None and plan(dy2.shape[0], N, K, r, dy2.element_size(), dy2.device.type,
-                                 fused_epilogue=False) == "merged":
-            dx2 = dy2 @ _torch_merge(weight, L, U, e)
+        if step.backward == "merged":
+            dx2 = dy2 @ (w_eff if w_eff is not None else _torch_merge(weight, L, U, e))
         else:
             dx2 = dy2 @ weight
-            dx2.addmm_((v * (e if rows is None else e[rows])).to(dx2.dtype), U)
+            dx2.addmm_((v * e_rows).to(dx2.dtype), U)
     return dx2, grad_e
 
 
@@ -89,45 +103,84 @@ def _torch_merge(weight, L, U, e):
     return torch.addmm(weight.to(acc), L.to(acc) * e.to(acc), U.to(acc)).to(weight.dtype)
 
 
-def _forward(x2, weight, bias, L, U, e, rows, scale, backend, need_t=True):
-    """(y, t) for a 2-D input on either backend (t may be None when need_t is False)."""
+def _step(x2, weight, e, rows, backend, need_dx, need_grad_e) -> StepPlan:
+    """The routes of one training call. The Triton path is planned as the kernels plan (GPU, fused epilogue)."""
+    if rows is not None:
+        return SIDE_STEP
+    (N, K), r = weight.shape, e.shape[-1]
+    planned = plan_step_uncached if torch.compiler.is_compiling() else plan_step
+    if backend == "triton":
+        return planned(x2.shape[0], K, N, r, x2.element_size(), "cuda", True, need_dx, need_grad_e)
+    return planned(x2.shape[0], K, N, r, x2.element_size(), x2.device.type, False, need_dx, need_grad_e)
+
+
+def _torch_gemms(step) -> bool:
+    """Whether a Triton-backend step runs as PyTorch GEMMs around the merge kernel: keeping W_eff for backward
+    and the outer grad_e need no kernel of their own, and the kernels' routes can do neither."""
+    return step.keep_merged or step.grad_e == "outer"
+
+
+def _forward(x2, weight, bias, L, U, e, rows, scale, backend, step=None, need_t=False):
+    """(y, t, W_eff) for a 2-D input on either backend. Without a step (no autograd) only y is wanted; with
+    one, t where ``need_t`` (the side route computes it anyway) and W_eff where backward keeps it."""
     if backend == "triton":
         kernels = _kernels()
-        return (kernels.forward(x2, weight, bias, L, U, e, weight_scale=scale) if rows is None
-                else kernels.forward_rows(x2, weight, bias, L, U, e, rows, scale))
-    return _torch_forward(x2, _dense(weight, scale, x2.dtype), bias, L, U, e, rows, need_t)
+        if rows is not None:
+            return (*kernels.forward_rows(x2, weight, bias, L, U, e, rows, scale), None)
+        if step is not None and _torch_gemms(step):
+            w_eff = kernels.merge(weight, L, U, e, weight_scale=scale)
+            return F.linear(x2, w_eff, bias), (_shrink_t(x2, U) if need_t else None), w_eff
+        return (*kernels.forward(x2, weight, bias, L, U, e, route=None if step is None else step.forward,
+                                 weight_scale=scale), None)
+    weight = _dense(weight, scale, x2.dtype)
+    (N, K), r = weight.shape, e.shape[-1]
+    planned = plan_uncached if torch.compiler.is_compiling() else plan
+    route = step.forward if step is not None else planned(x2.shape[0], K, N, r, x2.element_size(),
+                                                       x2.device.type, fused_epilogue=False)
+    return _torch_forward(x2, weight, bias, L, U, e, rows, route, need_t)
 
 
 class LoLDULinearFunction(torch.autograd.Function):
     """Returns (y, t). t = x U^T is an output as well as the saved tensor: grad_e = sum(t * dY L) depends on
-    x through t, so a double backward (create_graph=True) reaches x through this Function's own backward."""
+    x through t, so a double backward (create_graph=True) reaches x through this Function's own backward. On the
+    "outer" grad_e route t is None and x itself is saved: that saved input carries its own graph."""
 
     @staticmethod
     def forward(ctx, x2, weight, bias, L, U, e, rows, scale, backend):
-        y2, t = _forward(x2, weight, bias, L, U, e, rows, scale, backend)
-        # x itself is kept only when a gradient of the frozen weight or U is asked for.
-        needs_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[4]
-        ctx.save_for_backward(t, weight, L, U, e, rows, scale, x2 if needs_x else None)
+        need_x, need_w, _, _, need_u, need_e = ctx.needs_input_grad[:6]
+        step = _step(x2, weight, e, rows, backend, need_x, need_e)
+        need_t = step.grad_e == "shrink" or ctx.needs_input_grad[3]  # grad_L = dY^T (t * e)
+        y2, t, w_eff = _forward(x2, weight, bias, L, U, e, rows, scale, backend, step, need_t)
+        # x itself is kept only for the outer grad_e or a gradient of the frozen weight or U. W_eff is kept
+        # where the planner says (an out x in tensor per layer until backward, see loldu_triton.planner).
+        keep_x = need_w or need_u or step.grad_e == "outer"
+        ctx.save_for_backward(t, weight, L, U, e, rows, scale, x2 if keep_x else None,
+                              w_eff if step.keep_merged else None)
         ctx.set_materialize_grads(False)  # dt is None unless something used t: no zero tensor to add
         ctx.backend = backend
+        ctx.step = step
         ctx.x_dtype = x2.dtype
         return y2, t
 
     @staticmethod
     def backward(ctx, dy, dt):
-        t, weight, L, U, e, rows, scale, x2 = ctx.saved_tensors
+        t, weight, L, U, e, rows, scale, x2, w_eff = ctx.saved_tensors
         need_x, need_w, need_b, need_l, need_u, need_e = ctx.needs_input_grad[:6]
-        # Under create_graph the backward itself is differentiated: only PyTorch ops record that graph.
+        step = ctx.step
+        # Under create_graph the backward itself is differentiated: only PyTorch ops record that graph, and the
+        # kept W_eff (built in forward, no graph to e) is built again from e.
         differentiable = torch.is_grad_enabled()
+        if differentiable:
+            w_eff = None
         dx = grad_w = grad_b = grad_l = grad_u = grad_e = None
         if dy is not None:
-            if ctx.backend == "triton" and need_x and not differentiable:
+            if ctx.backend == "triton" and need_x and not differentiable and not _torch_gemms(step):
                 kernels = _kernels()
-                dx, grad_e = (kernels.backward(dy, t, weight, L, U, e, weight_scale=scale) if rows is None
-                              else kernels.backward_rows(dy, t, weight, L, U, e, rows, scale))
+                dx, grad_e = (kernels.backward(dy, t, weight, L, U, e, route=step.backward, weight_scale=scale)
+                              if rows is None else kernels.backward_rows(dy, t, weight, L, U, e, rows, scale))
             else:  # no dX wanted (a first layer): grad_e alone is two small GEMMs, not worth a kernel's dX GEMM
-                dense = _dense(weight, scale, dy.dtype) if need_x else weight
-                dx, grad_e = _torch_backward(dy, t, dense, L, U, e, rows, need_x, need_e)
+                dense = _dense(weight, scale, dy.dtype) if need_x and w_eff is None else weight
+                dx, grad_e = _torch_backward(dy, t, x2, dense, L, U, e, rows, step, w_eff, need_x, need_e)
             e_rows = e if rows is None else e[rows]
             grad_w = (dy.T @ x2).to(weight.dtype) if need_w else None
             grad_b = dy.sum(0) if need_b else None
@@ -241,7 +294,7 @@ def _loldu_linear(x, weight, bias, L, U, e, backend, rows, weight_scale, name):
         t is not None and t.requires_grad for t in (x, weight, bias, L, U, e))
     with autocast_off:
         # Without autograd (inference, decode) the custom Function's own overhead is skipped.
-        y2 = LoLDULinearFunction.apply(*operands)[0] if needs_grad else _forward(*operands, need_t=False)[0]
+        y2 = LoLDULinearFunction.apply(*operands)[0] if needs_grad else _forward(*operands)[0]
     return y2 if x.dim() == 2 else y2.reshape(*x.shape[:-1], y2.shape[-1])
 
 

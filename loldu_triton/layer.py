@@ -7,7 +7,7 @@ import contextvars
 import copy
 import threading
 import warnings
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .config import check_backend, check_quantization, check_settings
 from .factorize import initial_diagonal, ldu_factors, warn_if_rank_deficient, weight_checksum, weight_sketch
 from .functional import _loldu_linear, loldu_merge
+from .planner import side_rows
 from .quant import QUANTIZED_DTYPES, dequantize, quantize_weight
 
 # Adapter tensors kept in float32 whatever the layer's dtype: the trained ones and their initial values.
@@ -25,6 +26,9 @@ _FACTOR_BUFFERS = ("L", "U", "pivots", "pivot_values", "d0", "s0")
 # layer state: each thread (and asyncio task) sees only the batches it entered itself.
 _BATCH_ROWS: contextvars.ContextVar[Dict[nn.Module, torch.Tensor]] = contextvars.ContextVar("loldu_batch_rows",
                                                                                             default={})
+# Checked on every call of the no-grad shortcut (LoLDULinear._inference), so looked up once.
+_is_compiling = torch.compiler.is_compiling
+_distributed_up = torch.distributed.is_initialized if torch.distributed.is_available() else (lambda: False)
 # How many adapter_batch contexts are open in any thread. While none is, forward skips the lookup, which
 # torch.compile cannot trace.
 _open_batches = [0]
@@ -43,6 +47,28 @@ def batch_rows_scope(rows: Dict[nn.Module, torch.Tensor]) -> Iterator[None]:
         _BATCH_ROWS.reset(token)
         with _open_batches_lock:
             _open_batches[0] -= 1
+
+
+class _ScaledU(NamedTuple):
+    """LoLDULinear's inference cache (see LoLDULinear._scaled_u): diag(e) U and what it was computed from. One
+    tuple, replaced whole, so threads never see half an entry."""
+
+    d: torch.Tensor
+    s: torch.Tensor
+    d_version: int
+    s_version: int
+    d_ptr: int
+    s_ptr: int
+    U: torch.Tensor
+    L: torch.Tensor
+    scaled_u: torch.Tensor
+    L_t: torch.Tensor
+    dtype: torch.dtype
+    device: torch.device
+    device_type: str
+    in_features: int
+    side_rows: int  # up to this many rows the planner takes the side path (planner.side_rows)
+    held: tuple
 
 
 class LoLDUMixin:
@@ -96,6 +122,7 @@ class LoLDUMixin:
         self.register_buffer("pivot_values", factors["D"].to(dev, torch.float32), persistent=False)
         self.register_buffer("d0", factors["d0"].to(dev, torch.float32), persistent=False)
         self.register_buffer("s0", torch.full((1,), self.alpha / self.rank, device=dev), persistent=False)
+        self.__dict__.pop("_scaled_u_entry", None)  # computed from the old factors
         self._adjust_factors()
 
     def _adjust_factors(self) -> None:
@@ -123,6 +150,8 @@ class LoLDUMixin:
             kept += ("weight",)
         keep = {name: getattr(self, name).detach() for name in kept if getattr(self, name, None) is not None}
         super()._apply(fn, recurse)
+        # d and s may have moved through .data, which leaves version counters as they were
+        self.__dict__.pop("_scaled_u_entry", None)
         for name, before in keep.items():
             current = getattr(self, name)
             if current.dtype != before.dtype:
@@ -378,20 +407,88 @@ class LoLDULinear(LoLDULayer, nn.Linear):
         if not self.loldu_enabled:
             self._check_width(x, -1, self.in_features, "last dim")
             return F.linear(x, self.dense_weight(), self.bias)
+        batch_rows = _BATCH_ROWS.get().get(self) if _open_batches[0] else None
+        if batch_rows is None and not torch.is_grad_enabled():
+            y = self._inference(x)
+            if y is not None:
+                return y
+        elif self.__dict__.get("_scaled_u_entry") is not None:
+            self.__dict__["_scaled_u_entry"] = None  # training: no U-sized cache held meanwhile
         e = self.loldu_scale()
         rows = None
-        batch_rows = _BATCH_ROWS.get().get(self) if _open_batches[0] else None
         if batch_rows is not None:
             if x.dim() < 2 or x.shape[0] != batch_rows.shape[0]:
                 raise ValueError(f"{self.loldu_name}: adapter_batch has {batch_rows.shape[0]} names but the "
                                  f"input of shape {tuple(x.shape)} has {x.shape[0] if x.dim() else 0} rows")
-            self._check_width(x, -1, self.in_features, "last dim")
             named = getattr(self, "adapter_table", None)
             named = named if named is not None else e.new_empty(0, self.rank)
             e = torch.cat([torch.zeros_like(e)[None], e[None], named])
             rows = batch_rows.repeat_interleave(x[0].numel() // self.in_features)
         return _loldu_linear(x, self.weight, self.bias, self.L, self.U, e, self.backend, rows,
                              getattr(self, "weight_scale", None), self.loldu_name)
+
+    def __getstate__(self):
+        # Copies (deepcopy, pickle) start without the inference cache: their own d and s start new version
+        # counters, which could meet the stored ones.
+        state = super().__getstate__()
+        state.pop("_scaled_u_entry", None)
+        return state
+
+    def _inference(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The output without autograd where the PyTorch side path runs: x W^T + b + (x (diag(e) U)^T) L^T, two
+        small ops beyond nn.Linear's one (decode, M = 1, pays these per token). None where this shortcut does not
+        apply: the general path then runs, with its checks and errors. Skipped under torch.compile (it traces
+        the general path), autocast, a quantized base, float16 (x U^T needs float32 there), the Triton backend,
+        and with torch.distributed up: FSDP and ZeRO gather parameters without bumping version counters."""
+        if _is_compiling():  # before the cache: version counters are not for tracing
+            return None
+        entry = self._scaled_u()
+        dims = x.dim()
+        if (entry is None or x.dtype is not entry.dtype or dims == 0 or x.shape[-1] != entry.in_features
+                or x.device != entry.device or _distributed_up() or torch.is_autocast_enabled(entry.device_type)):
+            return None
+        x2 = x if dims == 2 else x.reshape(-1, x.shape[-1])
+        if x2.shape[0] > entry.side_rows:
+            return None  # many rows: the general path merges W_eff once for the call
+        y = F.linear(x2, self._parameters["weight"], self._parameters["bias"])
+        y.addmm_(F.linear(x2, entry.scaled_u), entry.L_t)
+        return y if dims == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _scaled_u(self) -> Optional["_ScaledU"]:
+        """The inference cache: diag(e) U in the compute dtype (as many values as U), kept while d and s are
+        unchanged (the same tensors, storages and version counters) and the factors are the same tensors.
+        In-place ops (optimizers, copy_ under no_grad, load_state_dict, load_loldu) bump those counters; writes
+        through ``.data`` bypass them, as they bypass autograd's own checks. Moving the layer (.to) and new
+        factors (d0, s0: _refactorize) clear it; so does the next call that records autograd. None where the
+        layer cannot take the shortcut."""
+        params, buffers = self._parameters, self._buffers
+        d, s = params["d"], params["s"]
+        entry = self.__dict__.get("_scaled_u_entry")
+        try:
+            if (entry is not None and entry.d is d and entry.s is s and entry.d_version == d._version
+                    and entry.s_version == s._version and entry.d_ptr == d.data_ptr()
+                    and entry.s_ptr == s.data_ptr() and entry.U is buffers["U"] and entry.L is buffers["L"]):
+                return entry
+            return self._fill_scaled_u(d, s)
+        except RuntimeError:  # inference tensors (made under torch.inference_mode) have no version counter
+            return None
+
+    def _fill_scaled_u(self, d, s) -> Optional["_ScaledU"]:
+        U, L, weight = self.U, self.L, self.weight
+        if (U.dtype is torch.float16 or weight.dtype is not U.dtype or self.base_quantization is not None
+                or not (self.backend == "torch" or (self.backend == "auto" and U.device.type != "cuda"))):
+            self.__dict__["_scaled_u_entry"] = None
+            return None
+        key = (d._version, s._version, d.data_ptr(), s.data_ptr())
+        with torch.no_grad():
+            scaled_u = (self.scale_of(d, s)[:, None] * U).to(U.dtype)
+        entry = _ScaledU(d, s, *key, U, L, scaled_u, L.T, U.dtype, U.device, U.device.type, U.shape[1],
+                         side_rows(U.shape[1], L.shape[0], U.shape[0], U.element_size(), U.device.type, False),
+                         # the detached d and s hold the storages: while the entry lives, no other tensor
+                         # takes their address
+                         (d.detach(), s.detach()))
+        self.__dict__["_scaled_u_entry"] = entry
+        return entry
 
     def extra_repr(self) -> str:
         quantized = f", base={self.base_quantization}" if self.base_quantization else ""

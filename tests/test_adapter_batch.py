@@ -78,7 +78,8 @@ def test_wrong_length_unknown_name_and_mismatched_settings_are_errors(three_adap
     x = torch.randn(2, 5, 16)
     with adapter_batch(serving, ["default", "default"]):
         inside = serving(x)
-    assert torch.equal(serving(x), inside)  # after the error, the plain forward is the default adapter's again
+    # after the error, the plain forward is the default adapter's again (its own route: equal up to rounding)
+    assert rel_err(serving(x), inside) < 1e-6
     other = TinyLM()
     other.load_state_dict(base.state_dict())
     add_loldu(other, rank=2, target_modules=TARGETS)

@@ -40,7 +40,10 @@ def test_gradcheck_x_and_e_only(bias):
 
 
 def test_backward_saves_only_t_not_x_nor_a_delta():
-    M, K, N, r = 33, 20, 12, 4
+    from loldu_triton.planner import SIDE_STEP, plan_step
+
+    M, K, N, r = 16, 40, 30, 4  # low rank, few rows: the side path (other routes: test_routes.py)
+    assert plan_step(M, K, N, r, 4, "cpu", False) == SIDE_STEP
     x, W, b, L, U, e = operands(M, K, N, r, dtype=torch.float32)
     x.requires_grad_(True)
     e.requires_grad_(True)
@@ -146,8 +149,10 @@ def test_inference_path_skips_autograd_and_gives_the_same_output():
 
 def test_merged_route_without_autograd_skips_the_shrink(monkeypatch):
     import loldu_triton.functional as functional
+    from loldu_triton.planner import plan_step
 
-    x, W, b, L, U, e = operands(M=200, K=12, N=10, r=4, dtype=torch.float32)  # the merged route on CPU
+    x, W, b, L, U, e = operands(M=200, K=40, N=30, r=4, dtype=torch.float32)  # the merged route on CPU
+    assert plan_step(200, 40, 30, 4, 4, "cpu", False, False, True).grad_e == "shrink"  # t from x U^T
     shrinks = []
     real_linear = torch.nn.functional.linear
     monkeypatch.setattr(functional.F, "linear", lambda a, w, *rest: shrinks.append(w is U) or real_linear(a, w, *rest))
