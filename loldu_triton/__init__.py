@@ -26,6 +26,7 @@ from .config import INITS, LoLDUConfig, RankClampWarning
 from .factorize import LDUFactors, ldu_factors
 from .functional import loldu_linear, loldu_merge
 from .layer import LOLDU_LAYERS, LoLDUConv2d, LoLDUEmbedding, LoLDULayer, LoLDULinear
+from .lora_export import export_lora
 
 __all__ = [
     "__version__",
@@ -45,6 +46,7 @@ __all__ = [
     "delete_adapter",
     "disable_loldu",
     "enable_loldu",
+    "export_lora",
     "get_active_adapter",
     "get_loldu_model",
     "get_loldu_params",

@@ -1,4 +1,5 @@
 import csv
+import importlib.util
 from types import SimpleNamespace
 
 import torch
@@ -30,8 +31,9 @@ def test_bench_writes_csv_markdown_and_plot_with_ratios_to_the_floor(tmp_path):
                            repeats=2, out=str(tmp_path))
     results = run_bench(args)
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
-    # linear, loldu, loldu_int8, loldu_fp8, loldu_unfused, seed_param; PEFT is absent here
-    assert len(rows) == len(results) == 2 * 6
+    # linear, loldu, loldu_int8, loldu_fp8, loldu_unfused, seed_param; peft_lora and peft_vera when PEFT is there
+    methods = 6 + (2 if importlib.util.find_spec("peft") else 0)
+    assert len(rows) == len(results) == 2 * methods
     stored = {(r["rank"], r["method"]): float(r["weights_mb"]) for r in rows}
     for rank in ("4", "24"):  # a 1-byte base saves 3 of every 4 bytes of the float32 weight
         saved = stored[(rank, "loldu")] - stored[(rank, "loldu_int8")]
