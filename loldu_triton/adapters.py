@@ -27,7 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ._version import __version__
-from .api import _refuse_merged, _replace, _why_not_adaptable, base_type, list_adapters, loldu_layers
+from .api import _offloaded, _refuse_merged, _replace, _why_not_adaptable, base_type, list_adapters, loldu_layers
 from .config import LoLDUConfig
 from .factorize import SKETCH_PROBES
 from .layer import LOLDU_LAYERS, LoLDULayer
@@ -494,7 +494,7 @@ def load_loldu(model: nn.Module, directory, adapter_name: str = "default") -> nn
                              f"LoLDU with (rank, alpha, init, init_seed) = {current}; the adapter needs "
                              f"{settings}, which would drop them. Remove LoLDU from the model first")
         else:
-            reason = _why_not_adaptable(name, module, modules[name.rpartition(".")[0]])
+            reason = _offloaded(name, modules) or _why_not_adaptable(name, module, modules[name.rpartition(".")[0]])
             if reason:
                 raise ValueError(f"load_loldu: cannot adapt {name!r}: {reason}")
             if module.weight.is_meta:

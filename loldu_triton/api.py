@@ -83,9 +83,9 @@ def _why_not_adaptable(name: str, module: nn.Module, parent: Optional[nn.Module]
     if not isinstance(module._parameters.get("weight"), nn.Parameter):
         return ("its weight is not a plain parameter (the legacy torch.nn.utils.weight_norm recomputes it in a "
                 "hook); remove that first (torch.nn.utils.remove_weight_norm)")
-    if "forward" in vars(module):
-        return ("its forward is replaced on the instance (an accelerate hook, say), which LoLDU would bypass; "
-                "add LoLDU before dispatching the model to devices")
+    if "forward" in vars(module) and not _accelerate_hooked(module):
+        return ("its forward is replaced on the instance, which LoLDU would bypass (accelerate's hooks are "
+                "carried over to the LoLDU layer; other replacements are not)")
     if isinstance(parent, nn.MultiheadAttention):
         return "nn.MultiheadAttention reads its out_proj weight directly, bypassing the layer's forward"
     if type(module).forward is not base.forward:
@@ -93,12 +93,42 @@ def _why_not_adaptable(name: str, module: nn.Module, parent: Optional[nn.Module]
     return None
 
 
+def _accelerate_hooked(module: nn.Module) -> bool:
+    """Whether accelerate's add_hook_to_module wrapped the module's own forward (as device_map= leaves it)."""
+    old = module.__dict__.get("_old_forward")
+    return ("_hf_hook" in module.__dict__ and old is not None
+            and getattr(old, "__func__", None) is type(module).forward and getattr(old, "__self__", None) is module)
+
+
+def _offloaded(name: str, modules: Dict[str, nn.Module]) -> Optional[str]:
+    """Why ``name`` cannot be adapted where accelerate offloaded its weight, else None. An offloaded weight is
+    on the meta device until a hook (on the layer or on a block above it) loads it for one forward."""
+    module = modules[name]
+    weight = getattr(module, "weight", None)
+    if not (isinstance(weight, torch.Tensor) and weight.is_meta):
+        return None
+    parts = name.split(".")
+    if not any("_hf_hook" in vars(modules.get(".".join(parts[:i]), object)) for i in range(len(parts) + 1)):
+        return None  # plain deferred init (the meta device without accelerate): layers support that
+    return ("its weight is offloaded by accelerate (on the meta device until a hook loads it for one forward); "
+            "LoLDU needs the weight itself to factorize it, and keeps trainable values next to it. Load the model "
+            "so that the layer stays on a device (a device_map, or max_memory with room for it, that puts it on a "
+            "GPU or the CPU rather than 'disk' or an offloaded CPU), or leave it out of target_modules")
+
+
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` wherever ``old`` is registered in ``model``: a module shared under several names stays shared."""
+    """Put ``new`` wherever ``old`` is registered in ``model``: a module shared under several names stays shared.
+
+    An accelerate hook on ``old`` (device_map= puts one on each layer it places) is attached to ``new``, so it
+    goes on moving inputs, outputs and the layer's tensors (``new``'s factors and adapter too) to its device."""
     for parent in list(model.modules()):
         for key, child in parent._modules.items():
             if child is old:
                 parent._modules[key] = new
+    if _accelerate_hooked(old):
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(new, old._hf_hook)
 
 
 def _select_targets(model, target_modules,
@@ -113,10 +143,13 @@ def _select_targets(model, target_modules,
     parents = {f"{p}.{c}" if p else c: m for p, m in modules.items() for c, _ in m.named_children()}
 
     def reason(name):
-        return _why_not_adaptable(name, modules[name], parents.get(name))
+        return _offloaded(name, modules) or _why_not_adaptable(name, modules[name], parents.get(name))
 
     if target_modules is None or target_modules == "all-linear":
         typed = [n for n, m in modules.items() if n and by_type(m)]
+        offloaded = [n for n in typed if _offloaded(n, modules)]
+        if offloaded:  # never left out silently: the user asked for every layer
+            raise ValueError(f"add_loldu: cannot adapt {offloaded}: {_offloaded(offloaded[0], modules)}")
         chosen = [n for n in typed if reason(n) is None]
         skipped = [n for n in typed if n not in chosen]
         if skipped:

@@ -21,6 +21,8 @@ from .quant import QUANTIZED_DTYPES, dequantize, quantize_weight
 # Adapter tensors kept in float32 whatever the layer's dtype: the trained ones and their initial values.
 _FLOAT32_STATE = ("d", "s", "d0", "s0")
 _FACTOR_BUFFERS = ("L", "U", "pivots", "pivot_values", "d0", "s0")
+# What accelerate's add_hook_to_module puts on a module instance.
+_ACCELERATE_HOOK = ("forward", "_old_forward", "_hf_hook")
 # Named (frozen) adapters, one row each: their d and s, and e = s * d - s0 * d0, which adapter_batch reads.
 _NAMED_BUFFERS = ("adapter_d", "adapter_s", "adapter_table")
 # The per-row adapter choice of adapter_batch, {layer: table row per batch element}. A context variable, not
@@ -259,8 +261,9 @@ class LoLDULayer(LoLDUMixin):
     @classmethod
     def _shell(cls, module: nn.Module):
         self = cls.__new__(cls)
-        # Same attributes (stride, padding_idx, hooks, ...) and the same parameter objects; own containers.
-        self.__dict__.update({k: _own_copy(v) for k, v in module.__dict__.items()})
+        # Same attributes (stride, padding_idx, hooks, ...) and the same parameter objects; own containers. Not
+        # an accelerate hook's forward wrapper, which is bound to ``module``: api._replace attaches the hook anew.
+        self.__dict__.update({k: _own_copy(v) for k, v in module.__dict__.items() if k not in _ACCELERATE_HOOK})
         return self
 
     def weight2d(self) -> torch.Tensor:
