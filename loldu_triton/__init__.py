@@ -65,3 +65,13 @@ __all__ = [
     "set_adapter",
     "unmerge_loldu",
 ]
+
+
+def __getattr__(name):
+    # LoLDUCheckpointCallback subclasses transformers.TrainerCallback: imported on first use only, so the
+    # package itself never needs transformers.
+    if name == "LoLDUCheckpointCallback":
+        from .trainer import LoLDUCheckpointCallback
+
+        return LoLDUCheckpointCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
