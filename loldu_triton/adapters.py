@@ -259,6 +259,9 @@ def _check_layer_spec(name, spec, path: Path, legacy: bool) -> dict:
         raise ValueError(f"{_where(path)}: layer names must be non-empty strings, got {name!r}")
     if not isinstance(spec, dict):
         raise ValueError(f"{_where(path, where)} must be an object, got {type(spec).__name__}")
+    unknown = sorted(str(k) for k in spec if k not in LAYER_FIELDS + ("type", "weight_shape", "base"))
+    if unknown:
+        raise ValueError(f"{_where(path, where)} has unknown fields {unknown}")
     for key in ("rank", "alpha", "init", "init_seed"):  # (base_quantization came later: None when absent)
         _field(spec, key, path, where)
     settings = LoLDUConfig.from_dict({k: spec[k] for k in LAYER_FIELDS if k in spec}, _where(path, where))
@@ -408,8 +411,8 @@ def read_adapter_config(directory) -> LoLDUConfig:
     common = _check_common(config, path)
     if common is None:
         settings = {name: (spec["rank"], spec["alpha"], spec["init"]) for name, spec in layers.items()}
-        raise ValueError(f"{_where(path)}: its layers were adapted with different settings (rank, alpha, init: "
-                         f"{settings}), which no single LoLDUConfig gives")
+        raise ValueError(f"{_where(path)}: stores no single LoLDUConfig (its layers were adapted with different "
+                         f"settings, or it predates stored configs); per layer (rank, alpha, init): {settings}")
     return common
 
 

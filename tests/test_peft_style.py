@@ -162,8 +162,30 @@ def test_from_pretrained_refuses_an_adapter_no_single_config_gives(tmp_path):
     add_loldu(model, rank=2, init="uniform", target_modules=["v_proj"])
     save_loldu(model, tmp_path)
     assert read_file(tmp_path)[0]["rank"] is None
-    with pytest.raises(ValueError, match="adapted with different settings"):
+    with pytest.raises(ValueError, match="stores no single LoLDUConfig .*'layers.0.q_proj': \\(4, 4.0, 'lu'\\)"):
         LoLDUConfig.from_pretrained(tmp_path)
+
+
+def test_a_hostile_layer_record_is_refused_naming_the_file_layer_and_field(tmp_path):
+    model = TinyLM()
+    base = copy.deepcopy(model.state_dict())
+    add_loldu(model, rank=4, target_modules=["q_proj"])
+    save_loldu(model, tmp_path)
+    file_config, tensors = read_file(tmp_path)
+    tensors = {k: v.clone() for k, v in tensors.items()}  # (not views of the file rewritten below)
+    for field, value, match in [("base_quantization", "int4", "base_quantization must be None or one of"),
+                                ("rank", "full", "a layer's rank must be an int"),
+                                ("alpha", None, "a layer's rank must be an int and its alpha a number"),
+                                ("lora_alpha", 8, r"has unknown fields \['lora_alpha'\]")]:
+        hostile = copy.deepcopy(file_config)
+        hostile["layers"]["layers.1.q_proj"][field] = value
+        (tmp_path / ADAPTER_NAME).write_bytes(_serialize(tensors, json.dumps(hostile)))
+        other = TinyLM()
+        other.load_state_dict(base)
+        before = full_snapshot(other)
+        with pytest.raises(ValueError, match=rf"{ADAPTER_NAME}: layer 'layers.1.q_proj'.*{match}"):
+            load_loldu(other, tmp_path)
+        assert_same(other, before)
 
 
 # ----------------------------------------------------------------------------------------------------------
