@@ -267,6 +267,7 @@ class LoLDULayer(LoLDUMixin):
         return self
 
     def weight2d(self) -> torch.Tensor:
+        """The weight viewed as the matrix LoLDU factors: out x everything else."""
         return self.weight.reshape(self.weight.shape[0], -1)
 
     def _setup(self, rank, alpha, init, init_seed, backend, name, freeze, source=None):
@@ -286,6 +287,7 @@ class LoLDULayer(LoLDUMixin):
         """Raise for base-layer options LoLDU cannot honour."""
 
     def freeze_base(self) -> None:
+        """requires_grad=False on the base weight and bias (to_base() gives their previous flags back)."""
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)

@@ -384,3 +384,20 @@ def test_reversible_merge_refuses_a_quantized_base_and_changes_nothing():
         merge_loldu(model, reversible="yes")
     assert_same(model, before)
     assert isinstance(model.layers[0].q_proj, LoLDULinear)
+
+
+def test_every_public_function_and_method_has_a_docstring():
+    import inspect
+
+    import loldu_triton
+
+    overrides = {"forward", "extra_repr", "reset_parameters"}  # nn.Module's, documented there
+    missing = []
+    for name in loldu_triton.__all__ + ["LoLDUCheckpointCallback"]:
+        obj = getattr(loldu_triton, name)
+        if callable(obj) and not (obj.__doc__ or "").strip():
+            missing.append(name)
+        if inspect.isclass(obj):
+            missing += [f"{name}.{m}" for m, f in vars(obj).items() if not m.startswith("_") and m not in overrides
+                        and callable(f) and not (getattr(f, "__doc__", "") or "").strip()]
+    assert not missing
