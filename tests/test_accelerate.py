@@ -66,7 +66,7 @@ def test_a_hooked_layer_is_adapted_and_its_hook_still_runs_around_the_loldu_laye
         loss = model(x).pow(2).mean()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0] and cast.calls == calls + 6 and layer.d.grad is not None
     # back to a plain layer: the hook goes with it, and the base comes back bit for bit
     remove_loldu(model)
@@ -159,7 +159,7 @@ def test_device_map_model_trains_its_hooked_layers_and_refuses_offloaded_ones(tm
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     with torch.no_grad():
