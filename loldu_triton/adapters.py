@@ -203,12 +203,12 @@ def save_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None) 
                              f"{list_adapters(model)}")
     records, tensors = {}, {}
     for name, layer in layers:
+        sha256, sketch, precision = layer.base_fingerprint()  # (first: refuses a base still on the meta device)
         d, s = layer.adapter_values(layer.active_adapter if adapter_name is None else adapter_name)
         d, s = d.detach().to("cpu", torch.float32), s.detach().to("cpu", torch.float32).reshape(1)
         if not (torch.isfinite(d).all() and torch.isfinite(s).all()):
             raise ValueError(f"save_loldu: layer {name!r} has non-finite adapter values (d or s holds NaN or Inf); "
                              f"nothing was written")
-        sha256, sketch, precision = layer.base_fingerprint()
         records[name] = _layer_record(layer, sha256, precision)
         tensors[f"{name}.d"] = d.contiguous()
         tensors[f"{name}.s"] = s
