@@ -118,14 +118,12 @@ class RankClampWarning(UserWarning):
 def clamp_rank(rank, shape, where: str) -> int:
     """``rank`` (an int or "full") for a weight of ``shape`` (out, in): at most min(out, in), with a warning
     naming ``where`` when it had to be lowered; "full" is min(out, in) without one."""
-    rank = check_rank(rank, where, allow_full=True)
     full = min(shape)
-    if rank == "full":
-        return full
-    if rank > full:
+    if _is_int(rank) and rank > full:
         warnings.warn(RankClampWarning(where, shape, rank), stacklevel=3)
         return full
-    return rank
+    rank = check_rank(rank, where, shape, allow_full=True)  # (an error here names the weight's limits)
+    return full if rank == "full" else rank
 
 
 # Each field of LoLDUConfig and its check (value, where) -> canonical value.
