@@ -21,8 +21,9 @@ setup(
         "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={
+        # peft: export_lora's round trip; accelerate: dispatched models and transformers.Trainer
         "test": ["pytest>=7", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "tqdm>=4.60",
-                 "transformers>=4.57,<6"],
+                 "transformers>=4.57,<6", "peft==0.21.2", "accelerate==1.15.0"],
         # PEFT's LoRA and VeRA rows (tested with peft 0.21.2 on python 3.11, torch 2.13.0+cpu); transformers
         # builds the models of `bench --model`
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4.60", "peft>=0.21.2,<0.22",

@@ -18,7 +18,7 @@ import stat
 import struct
 import warnings
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,8 +27,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ._version import __version__
-from .api import _replace, _why_not_adaptable, base_type, loldu_layers
-from .config import check_alpha, check_init, check_init_seed, check_rank
+from .api import _offloaded, _refuse_merged, _replace, _why_not_adaptable, base_type, list_adapters, loldu_layers
+from .config import LoLDUConfig
 from .factorize import SKETCH_PROBES
 from .layer import LOLDU_LAYERS, LoLDULayer
 
@@ -47,6 +47,9 @@ PIVOT_VALUE_RTOL = 1e-2
 ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8,
             "int8": 2.0**-6, "fp8": 2.0**-4}
 SKETCH_TOLERANCE = 4.0  # x (roundoff here + roundoff there): ~13 standard deviations of a cast's change
+# The LoLDUConfig fields a layer's record holds, and those of the file's common config (its top level).
+LAYER_FIELDS = ("rank", "alpha", "init", "init_seed", "base_quantization")
+COMMON_FIELDS = LAYER_FIELDS + ("target_modules",)
 
 
 def _where(path: Path, field: str = "") -> str:
@@ -135,15 +138,37 @@ def _tensors(data: bytes, path: Path) -> Dict[str, torch.Tensor]:
 
 
 def _layer_record(layer: LoLDULayer, sha256: str, precision: str) -> dict:
-    return {
-        "rank": layer.rank,
-        "alpha": layer.alpha,
-        "init": layer.init,
-        "init_seed": layer.init_seed,
-        "type": layer.base_class.__name__,
-        "weight_shape": list(layer.weight.shape),
-        "base": {"sha256": sha256, "precision": precision},
-    }
+    """One layer's entry in the file's config: its settings (LoLDUConfig fields), type, shape and base."""
+    settings = layer.loldu_settings().to_dict()
+    return {**{k: settings[k] for k in LAYER_FIELDS}, "type": layer.base_class.__name__,
+            "weight_shape": list(layer.weight.shape), "base": {"sha256": sha256, "precision": precision}}
+
+
+def _common_config(layers) -> Optional[LoLDUConfig]:
+    """The one LoLDUConfig from which add_loldu rebuilds exactly these layers, or None when there is none (the
+    layers were adapted with different settings)."""
+    ranks = [layer.rank for _, layer in layers]
+    fulls = [min(layer.weight2d().shape) for _, layer in layers]
+    top = max(ranks)
+    if len(set(ranks)) > 1 and ranks == fulls:
+        rank = "full"
+    elif all(r == min(top, f) for r, f in zip(ranks, fulls)):
+        rank = top  # each layer holds it, or was lowered to its full rank
+    else:
+        return None
+    alphas = {layer.alpha for _, layer in layers}
+    if len(alphas) == 1:
+        alpha = alphas.pop()
+    elif all(layer.alpha == layer.rank for _, layer in layers):
+        alpha = None
+    else:
+        return None
+    settings = {(layer.init, layer.init_seed, layer.base_quantization) for _, layer in layers}
+    if len(settings) != 1:
+        return None
+    init, init_seed, quantization = settings.pop()
+    return LoLDUConfig(rank=rank, alpha=alpha, init=init, init_seed=init_seed, base_quantization=quantization,
+                       target_modules=[name for name, _ in layers])
 
 
 def _serialize(tensors: Dict[str, torch.Tensor], config_text: str) -> bytes:
@@ -155,20 +180,32 @@ def _serialize(tensors: Dict[str, torch.Tensor], config_text: str) -> bytes:
     return save_safetensors(tensors, metadata=metadata)
 
 
-def save_loldu(model: nn.Module, directory) -> Path:
-    """Write the model's LoLDU adapter to ``directory`` (created if needed); returns the directory.
+def save_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None) -> Path:
+    """Write one adapter of the model to ``directory`` (created if needed); returns the directory.
 
-    The adapter goes into one file, replaced atomically: an interrupted save leaves the previous adapter as it
-    was. Non-finite values are refused before anything is written."""
+    adapter_name=None saves the trainable adapter; a name saves that adapter (trainable or named) of every
+    layer that has it. Either way the file loads back as it was saved: ``load_loldu(base, directory)`` makes it
+    the trainable adapter, ``load_loldu(base, directory, adapter_name=name)`` a named one, with the same d and s
+    bit for bit. The adapter goes into one file, replaced atomically: an interrupted save leaves the previous
+    adapter as it was. Non-finite values are refused before anything is written."""
     layers = loldu_layers(model)
     if not layers:
         raise ValueError("save_loldu: the model has no LoLDU layer")
     if any(not name for name, _ in layers):
         raise ValueError("save_loldu: the model itself is a LoLDU layer; save a module that contains it")
+    if adapter_name is not None:
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"save_loldu: adapter_name must be None or a non-empty string, got {adapter_name!r}")
+        layers = [(name, layer) for name, layer in layers
+                  if adapter_name == layer.active_adapter or adapter_name in layer.adapter_names]
+        if not layers:
+            raise ValueError(f"save_loldu: no layer has an adapter {adapter_name!r}; the model has "
+                             f"{list_adapters(model)}")
     records, tensors = {}, {}
     for name, layer in layers:
         sha256, sketch, precision = layer.base_fingerprint()  # (first: refuses a base still on the meta device)
-        d, s = layer.d.detach().to("cpu", torch.float32), layer.s.detach().to("cpu", torch.float32).reshape(1)
+        d, s = layer.adapter_values(layer.active_adapter if adapter_name is None else adapter_name)
+        d, s = d.detach().to("cpu", torch.float32), s.detach().to("cpu", torch.float32).reshape(1)
         if not (torch.isfinite(d).all() and torch.isfinite(s).all()):
             raise ValueError(f"save_loldu: layer {name!r} has non-finite adapter values (d or s holds NaN or Inf); "
                              f"nothing was written")
@@ -177,10 +214,10 @@ def save_loldu(model: nn.Module, directory) -> Path:
         tensors[f"{name}.s"] = s
         tensors[f"{name}.pivots"] = layer.pivots.detach().to("cpu", torch.int32)
         tensors[f"{name}.sketch"] = sketch
-    settings = {(r["rank"], r["alpha"], r["init"]) for r in records.values()}
-    common = next(iter(settings)) if len(settings) == 1 else (None, None, None)
-    config = {"library_version": __version__, "rank": common[0], "alpha": common[1], "init": common[2],
-              "target_modules": list(records), "layers": records}
+    common = _common_config(layers)
+    # The top level is the common LoLDUConfig (rank null when the layers differ; backend is a runtime choice).
+    fields = {k: v for k, v in common.to_dict().items() if k != "backend"} if common else {"rank": None}
+    config = {"library_version": __version__, **fields, "layers": records}
     data = _serialize(tensors, json.dumps(config, separators=(",", ":")))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -222,12 +259,16 @@ def _check_layer_spec(name, spec, path: Path, legacy: bool) -> dict:
         raise ValueError(f"{_where(path)}: layer names must be non-empty strings, got {name!r}")
     if not isinstance(spec, dict):
         raise ValueError(f"{_where(path, where)} must be an object, got {type(spec).__name__}")
-    rank = check_rank(_field(spec, "rank", path, where), f"{_where(path, where)}")
-    alpha = check_alpha(_field(spec, "alpha", path, where), f"{_where(path, where)}")
-    if alpha is None:
-        raise ValueError(f"{_where(path, where)}: alpha must be a positive finite number, got None")
-    init = check_init(_field(spec, "init", path, where), f"{_where(path, where)}")
-    init_seed = check_init_seed(_field(spec, "init_seed", path, where), f"{_where(path, where)}")
+    unknown = sorted(str(k) for k in spec if k not in LAYER_FIELDS + ("type", "weight_shape", "base"))
+    if unknown:
+        raise ValueError(f"{_where(path, where)} has unknown fields {unknown}")
+    for key in ("rank", "alpha", "init", "init_seed"):  # (base_quantization came later: None when absent)
+        _field(spec, key, path, where)
+    settings = LoLDUConfig.from_dict({k: spec[k] for k in LAYER_FIELDS if k in spec}, _where(path, where))
+    rank, alpha, init, init_seed = settings.rank, settings.alpha, settings.init, settings.init_seed
+    if rank == "full" or alpha is None:
+        raise ValueError(f"{_where(path, where)}: a layer's rank must be an int and its alpha a number, got "
+                         f"rank {rank!r}, alpha {alpha!r}")
     kind = _field(spec, "type", path, where)
     if kind not in {base.__name__ for base in LOLDU_LAYERS}:
         raise ValueError(f"{_where(path, where)}: type must be one of {sorted(b.__name__ for b in LOLDU_LAYERS)}, "
@@ -248,8 +289,15 @@ def _check_layer_spec(name, spec, path: Path, legacy: bool) -> dict:
     elif base.get("precision") not in ROUNDOFF:
         raise ValueError(f"{_where(path, where)}: base precision must be one of {sorted(ROUNDOFF)}, "
                          f"got {base.get('precision')!r}")
-    return {"rank": rank, "alpha": alpha, "init": init, "init_seed": init_seed, "type": kind,
-            "weight_shape": shape, "base": base}
+    return {"rank": rank, "alpha": alpha, "init": init, "init_seed": init_seed,
+            "base_quantization": settings.base_quantization, "type": kind, "weight_shape": shape, "base": base}
+
+
+def _check_common(config: dict, path: Path) -> Optional[LoLDUConfig]:
+    """The file's common LoLDUConfig (its top level), checked; None where the layers' settings differ."""
+    if config.get("rank") is None:
+        return None
+    return LoLDUConfig.from_dict({k: config[k] for k in COMMON_FIELDS if k in config}, _where(path, "config"))
 
 
 def _check_layers(config, path: Path, legacy: bool) -> Dict[str, dict]:
@@ -319,8 +367,9 @@ def _read_adapter(path: Path) -> Tuple[Dict[str, dict], Dict[str, torch.Tensor]]
     except (json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{_where(path, 'config')} is not valid JSON ({err})") from None
     layers = _check_layers(config, path, legacy=False)
+    _check_common(config, path)
     _check_tensors(tensors, layers, path, legacy=False)
-    return layers, tensors
+    return layers, tensors, config
 
 
 def _read_legacy(directory: Path) -> Tuple[Dict[str, dict], Dict[str, torch.Tensor]]:
@@ -341,15 +390,30 @@ def _read_legacy(directory: Path) -> Tuple[Dict[str, dict], Dict[str, torch.Tens
     weights = directory / LEGACY_WEIGHTS_NAME
     tensors = _tensors(_read_regular_file(weights, "adapter weights"), weights)
     _check_tensors(tensors, layers, weights, legacy=True)
-    return layers, tensors
+    return layers, tensors, config
+
+
+def _read(directory: Path) -> Tuple[Dict[str, dict], Dict[str, torch.Tensor], dict, Path]:
+    if not os.path.lexists(directory / ADAPTER_NAME) and os.path.lexists(directory / LEGACY_CONFIG_NAME):
+        return (*_read_legacy(directory), directory / LEGACY_CONFIG_NAME)
+    return (*_read_adapter(directory / ADAPTER_NAME), directory / ADAPTER_NAME)
 
 
 def read_adapter(directory) -> Tuple[Dict[str, dict], Dict[str, torch.Tensor]]:
     """(layer records, tensors) of the adapter in ``directory``, every field checked."""
-    directory = Path(directory)
-    if os.path.lexists(directory / ADAPTER_NAME) or not os.path.lexists(directory / LEGACY_CONFIG_NAME):
-        return _read_adapter(directory / ADAPTER_NAME)
-    return _read_legacy(directory)
+    layers, tensors, _, _ = _read(Path(directory))
+    return layers, tensors
+
+
+def read_adapter_config(directory) -> LoLDUConfig:
+    """The LoLDUConfig stored with the adapter in ``directory`` (see LoLDUConfig.from_pretrained)."""
+    layers, _, config, path = _read(Path(directory))
+    common = _check_common(config, path)
+    if common is None:
+        settings = {name: (spec["rank"], spec["alpha"], spec["init"]) for name, spec in layers.items()}
+        raise ValueError(f"{_where(path)}: stores no single LoLDUConfig (its layers were adapted with different "
+                         f"settings, or it predates stored configs); per layer (rank, alpha, init): {settings}")
+    return common
 
 
 def _sketch_gap(here: torch.Tensor, saved: torch.Tensor) -> float:
@@ -391,13 +455,17 @@ def load_loldu(model: nn.Module, directory, adapter_name: str = "default") -> nn
     Layers without LoLDU get it; every check (files, layer names and shapes, base-weight fingerprints) runs
     before anything changes, so on an error the model is left exactly as it was.
 
-    adapter_name="default" loads into the trainable adapter (d, s). Any other name stores a frozen named
-    adapter next to it, for ``adapter_batch``; named adapters share the layer's factors, so their rank, alpha
-    and init must be the layer's (a layer without LoLDU gets it with the adapter's settings, at init).
+    adapter_name="default" (or whichever name set_adapter made trainable) loads into the trainable adapter
+    (d and s, in place). Any other name stores a frozen named adapter next to it, for ``adapter_batch`` and
+    ``set_adapter``; named adapters share the layer's factors, so their rank, alpha and init must be the
+    layer's (a layer without LoLDU gets it with the adapter's settings, at init).
+
+    Like add_loldu, it leaves requires_grad of the other parameters alone: ``mark_only_loldu_as_trainable``
+    freezes them.
     """
     if not isinstance(adapter_name, str) or not adapter_name:
         raise ValueError(f"load_loldu: adapter_name must be a non-empty string, got {adapter_name!r}")
-    named = adapter_name != "default"
+    _refuse_merged(loldu_layers(model), "load_loldu")
     directory = Path(directory)
     layers, tensors = read_adapter(directory)
 
@@ -414,9 +482,7 @@ def load_loldu(model: nn.Module, directory, adapter_name: str = "default") -> nn
             raise ValueError(f"load_loldu: layer {name!r} has a weight of shape {list(module.weight.shape)}, the "
                              f"adapter expects {spec['weight_shape']}")
         settings = (spec["rank"], spec["alpha"], spec["init"], spec["init_seed"])
-        if named and base is not nn.Linear:
-            raise ValueError(f"load_loldu: layer {name!r} is an nn.{base.__name__}; named adapters are for "
-                             f"nn.Linear layers only")
+        named = adapter_name != getattr(module, "active_adapter", "default")
         current = None
         if isinstance(module, LoLDULayer):
             current = (module.rank, module.alpha, module.init, module.init_seed)
@@ -431,7 +497,7 @@ def load_loldu(model: nn.Module, directory, adapter_name: str = "default") -> nn
                              f"LoLDU with (rank, alpha, init, init_seed) = {current}; the adapter needs "
                              f"{settings}, which would drop them. Remove LoLDU from the model first")
         else:
-            reason = _why_not_adaptable(name, module, modules[name.rpartition(".")[0]])
+            reason = _offloaded(name, modules) or _why_not_adaptable(name, module, modules[name.rpartition(".")[0]])
             if reason:
                 raise ValueError(f"load_loldu: cannot adapt {name!r}: {reason}")
             if module.weight.is_meta:
@@ -443,15 +509,15 @@ def load_loldu(model: nn.Module, directory, adapter_name: str = "default") -> nn
                 target.base_requires_grad = module.base_requires_grad
             replaces = True
         _check_base(name, target, spec, directory)
-        plan.append((name, module, target, replaces))
+        plan.append((name, module, target, replaces, named))
 
     others = [n for n, _ in loldu_layers(model) if n not in layers]
-    if others and not named:
+    if others and not all(named for *_, named in plan):
         warnings.warn(f"load_loldu: {others} have LoLDU but are not in the adapter; left as they are", stacklevel=2)
-    for name, module, target, replaces in plan:
+    for name, module, target, replaces, named in plan:
         d, s = tensors[f"{name}.d"].to(target.d.device), tensors[f"{name}.s"].to(target.d.device)
         if named:
-            target.set_named_adapter(adapter_name, target.scale_of(d, s))
+            target.set_named_adapter(adapter_name, d, s)
         else:
             with torch.no_grad():
                 target.d.copy_(d)

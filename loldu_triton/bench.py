@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -322,9 +323,11 @@ def plot(results: List[Result], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
     cases = sorted({(r.M, r.K, r.N, r.rank) for r in results})
     methods = [m for m in METHODS if any(r.method == m for r in results)]
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.2 * len(cases) * len(methods) / 3), 4.2))
+    fig, ax = plt.subplots(figsize=(min(max(6.4, 0.9 * len(cases) + 2.5), 24), 4.8))
     width = 0.8 / len(methods)
     for j, method in enumerate(methods):
         ratios = [next((r.fwd_bwd_ratio for r in results if (r.M, r.K, r.N, r.rank) == c and r.method == method),
@@ -332,13 +335,50 @@ def plot(results: List[Result], path: Path) -> None:
         ax.bar([i + j * width for i in range(len(cases))], ratios, width, label=method)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
-    ax.set_xticklabels([f"M={m}\n{k}x{n}\nr={r}" for m, k, n, r in cases], fontsize=7)
+    ax.set_xticklabels([f"M={m}\n{k}x{n}\nr={r}" for m, k, n, r in cases], fontsize=8)
     ax.set_ylabel("forward+backward time / frozen nn.Linear")
     ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    # plain ratios (0.5x, 1x, 2x, 5x), not powers of ten
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    first = results[0]
+    ax.set_title(f"LoLDU layer benchmark: forward+backward time relative to the frozen nn.Linear "
+                 f"({first.device}, {first.dtype})", fontsize=10)
+    ax.grid(True, axis="y", which="major", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+class _Lines:
+    """A stand-in for tqdm where it is not installed: rows as plain lines, no bar."""
+
+    def __init__(self, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, text):
+        print(text, flush=True)
+
+    def update(self, n=1):
+        pass
+
+
+def _progress(**kwargs):
+    """A progress bar on stderr that is shown on a terminal only (disable=None), so a log piped to a file gets
+    the rows as plain lines and no carriage-return updates."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _Lines()
+    return tqdm(disable=None, leave=False, file=sys.stderr, **kwargs)
 
 
 def _parse_shapes(text):
@@ -382,9 +422,10 @@ def run_bench(args) -> List[Result]:
         writer = csv.DictWriter(csv_file, fieldnames=list(asdict(Result("", "", 0, 0, 0, 0, "", 0, 0, 0))))
         writer.writeheader()
         md_file.write("\n".join(MARKDOWN_HEADER) + "\n")
-        print("\n".join(MARKDOWN_HEADER), flush=True)
-        for M, K, N in shapes:
-            for rank_text in ranks:
+        print("\n".join(MARKDOWN_HEADER), flush=True)  # the header once; each row once, as soon as it is measured
+        cases = [(M, K, N, rank_text) for M, K, N in shapes for rank_text in ranks]
+        with _progress(total=len(cases), desc="bench cases") as bar:
+            for M, K, N, rank_text in cases:
                 rank = min(K, N) if rank_text == "full" else int(rank_text)
                 case = bench_case(M, K, N, rank, dtype, device, wanted, args.repeats or 15)
                 if gpu:
@@ -397,7 +438,8 @@ def run_bench(args) -> List[Result]:
                 rows = markdown(case, header=False)
                 md_file.write(rows + "\n")
                 md_file.flush()
-                print(rows, flush=True)
+                bar.write(rows)
+                bar.update(1)
     plot(results, out / "bench.png")
     print(f"wrote {out / 'bench.csv'}, {out / 'bench.md'}, {out / 'bench.png'}")
     return results

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ._version import __version__
+
 
 def _demo(args) -> int:
     from .demo import run_demo
@@ -39,6 +41,7 @@ def _compile_check(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loldu-triton", description="LoLDU fine-tuning: demo and benchmarks.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser(
@@ -47,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain an MLP on scikit-learn's handwritten digits (shipped offline), adapt it to the "
         "digits rotated by 90 degrees with: a new head only, full fine-tuning, LoRA r=8 and LoLDU at r=1, 16 "
         "and full rank; report trainable parameters, held-out accuracy, training time, adapter file size and "
-        "the accuracy after merging. Writes results.json, results.md and accuracy_vs_params.png.",
+        "the accuracy after merging. Writes results.json, results.md, accuracy_vs_params.png and adapters/ (each "
+        "method's trained tensors; LoLDU's adapter folders) into --out.",
     )
     demo.add_argument("--out", default="./loldu-demo", help="output directory (default: ./loldu-demo)")
     demo.add_argument("--epochs", type=int, default=30, help="adaptation epochs per method (default: 30)")

@@ -1,4 +1,5 @@
-"""One validation of LoLDU's settings, shared by every entry point (layers, add_loldu, adapter files).
+"""One validation of LoLDU's settings, shared by every entry point (layers, add_loldu, adapter files), and
+LoLDUConfig, the object that carries them.
 
 Each check returns the value in its canonical type or raises an error that names the argument and the caller
 (``where``: a layer, a function or a file). Nothing is coerced silently: 2.7, "3" and True are not ranks.
@@ -8,6 +9,10 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import re
+import warnings
+from dataclasses import dataclass
+from typing import List, Optional, Union
 
 INITS = ("lu", "uniform", "normal", "constant")
 BACKENDS = ("auto", "torch", "triton")
@@ -78,3 +83,113 @@ def check_settings(where: str, rank, alpha, init, init_seed, shape=None, allow_f
 
 def is_finite_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def check_target_modules(targets, where: str):
+    """None (every nn.Linear), "all-linear", a regex (full match) or a non-empty list of layer names (suffix
+    match); a list comes back as a new list."""
+    if targets is None:
+        return None
+    if isinstance(targets, str):
+        if not targets:
+            raise ValueError(f"{where}: target_modules must not be an empty string")
+        try:
+            re.compile(targets)
+        except re.error as err:
+            raise ValueError(f"{where}: target_modules {targets!r} is not a valid regex ({err})") from None
+        return targets
+    if isinstance(targets, (list, tuple, set, frozenset)):
+        names = sorted(targets) if isinstance(targets, (set, frozenset)) else list(targets)
+        if names and all(isinstance(n, str) and n for n in names):
+            return names
+    raise ValueError(f"{where}: target_modules must be None, 'all-linear', a regex or a non-empty list of layer "
+                     f"names, got {targets!r}")
+
+
+class RankClampWarning(UserWarning):
+    """A rank larger than a weight holds was lowered to its full rank; ``detail`` says which and to what."""
+
+    def __init__(self, where: str, shape=None, rank=None):
+        self.detail = "" if shape is None else (f"({shape[0]}x{shape[1]}) holds at most rank {min(shape)}; "
+                                                f"using {min(shape)} instead of {rank}")
+        super().__init__(f"{where} {self.detail}" if self.detail else where)
+
+
+def clamp_rank(rank, shape, where: str) -> int:
+    """``rank`` (an int or "full") for a weight of ``shape`` (out, in): at most min(out, in), with a warning
+    naming ``where`` when it had to be lowered; "full" is min(out, in) without one."""
+    full = min(shape)
+    if _is_int(rank) and rank > full:
+        warnings.warn(RankClampWarning(where, shape, rank), stacklevel=3)
+        return full
+    rank = check_rank(rank, where, shape, allow_full=True)  # (an error here names the weight's limits)
+    return full if rank == "full" else rank
+
+
+# Each field of LoLDUConfig and its check (value, where) -> canonical value.
+_CONFIG_CHECKS = {
+    "rank": lambda v, where: check_rank(v, where, allow_full=True),
+    "alpha": check_alpha,
+    "init": check_init,
+    "init_seed": check_init_seed,
+    "target_modules": check_target_modules,
+    "base_quantization": check_quantization,
+    "backend": check_backend,
+}
+
+
+@dataclass
+class LoLDUConfig:
+    """The settings of a LoLDU adapter, as PEFT's LoraConfig gathers LoRA's.
+
+    - rank: the number of pivots per layer (an int, or "full": each layer's min(out, in)); a rank a layer
+      cannot hold is lowered to its full rank with a warning.
+    - alpha: e's initial scale is alpha / rank; None means alpha = rank (scale 1, the paper's setting).
+    - init: the initial diagonal, one of INITS; init_seed seeds the random ones.
+    - target_modules: None (every nn.Linear), "all-linear" (all but the output layer), a list of layer names
+      (suffix match) or a regex (full match); names and regexes may pick nn.Conv2d and nn.Embedding too.
+    - base_quantization: None, "int8" or "fp8": keep each adapted nn.Linear's frozen weight quantized.
+    - backend: "auto", "torch" or "triton" (a runtime choice; adapter files do not record it).
+
+    Every field is checked when set, at construction and after it: a config that exists is a valid one.
+    """
+
+    rank: Union[int, str] = 8
+    alpha: Optional[float] = None
+    init: str = "lu"
+    init_seed: int = 0
+    target_modules: Union[None, str, List[str]] = None
+    base_quantization: Optional[str] = None
+    backend: str = "auto"
+
+    def __setattr__(self, name, value):
+        check = _CONFIG_CHECKS.get(name)
+        if check is None:
+            raise AttributeError(f"LoLDUConfig has no field {name!r}; fields: {sorted(_CONFIG_CHECKS)}")
+        object.__setattr__(self, name, check(value, "LoLDUConfig"))
+
+    def to_dict(self) -> dict:
+        """The fields as plain JSON values (a new list for target_modules)."""
+        data = {name: getattr(self, name) for name in _CONFIG_CHECKS}
+        if isinstance(data["target_modules"], list):
+            data["target_modules"] = list(data["target_modules"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data, where: str = "LoLDUConfig.from_dict") -> "LoLDUConfig":
+        """A config from ``to_dict``'s output. Missing fields take their defaults; unknown fields and invalid
+        values are errors that name ``where`` (a file, say) and the field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: a LoLDU config must be a dict, got {type(data).__name__}")
+        unknown = sorted(str(k) for k in data if k not in _CONFIG_CHECKS)
+        if unknown:
+            raise ValueError(f"{where}: unknown LoLDU config fields {unknown}; fields: {sorted(_CONFIG_CHECKS)}")
+        return cls(**{name: _CONFIG_CHECKS[name](value, where) for name, value in data.items()})
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "LoLDUConfig":
+        """The config an adapter directory (written by save_loldu) was trained with: add_loldu with it on the
+        same base adapts the same layers with the same settings. The file is checked as load_loldu checks it."""
+        from .adapters import read_adapter_config
+
+        return read_adapter_config(directory)

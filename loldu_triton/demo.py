@@ -235,10 +235,11 @@ def run_demo(out: Path, epochs: int = 30, pretrain_epochs: int = 40, seed: int =
              progress: bool = True) -> List[Row]:
     from tqdm import tqdm
 
-    def quiet_tqdm(*args, **kwargs):
-        return tqdm(*args, disable=True, **kwargs)
+    def bars(*args, **kwargs):
+        # disable=None: bars on a terminal only, so a log piped to a file holds no carriage-return updates
+        return tqdm(*args, disable=None if progress else True, **kwargs)
 
-    tqdm_cls = tqdm if progress else quiet_tqdm
+    tqdm_cls = bars
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)

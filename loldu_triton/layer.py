@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import check_backend, check_quantization, check_settings
+from .config import LoLDUConfig, check_backend, check_quantization, check_settings
 from .factorize import initial_diagonal, ldu_factors, warn_if_rank_deficient, weight_checksum, weight_sketch
 from .functional import _loldu_linear, loldu_merge
 from .planner import side_rows
@@ -22,6 +22,10 @@ from .quant import QUANTIZED_DTYPES, dequantize, quantize_weight
 # Adapter tensors kept in float32 whatever the layer's dtype: the trained ones and their initial values.
 _FLOAT32_STATE = ("d", "s", "d0", "s0")
 _FACTOR_BUFFERS = ("L", "U", "pivots", "pivot_values", "d0", "s0")
+# What accelerate's add_hook_to_module puts on a module instance.
+_ACCELERATE_HOOK = ("forward", "_old_forward", "_hf_hook")
+# Named (frozen) adapters, one row each: their d and s, and e = s * d - s0 * d0, which adapter_batch reads.
+_NAMED_BUFFERS = ("adapter_d", "adapter_s", "adapter_table")
 # The per-row adapter choice of adapter_batch, {layer: table row per batch element}. A context variable, not
 # layer state: each thread (and asyncio task) sees only the batches it entered itself.
 _BATCH_ROWS: contextvars.ContextVar[Dict[nn.Module, torch.Tensor]] = contextvars.ContextVar("loldu_batch_rows",
@@ -101,11 +105,10 @@ class LoLDUMixin:
 
     def _refactorize(self, weight2d: torch.Tensor) -> None:
         """(Re)compute the frozen factors and the initial diagonal from the base weight."""
-        if getattr(self, "adapter_names", ()):  # their e vectors belong to the old factors
+        if getattr(self, "adapter_names", ()):  # they were trained on the old factors
             warnings.warn(f"{self.loldu_name}: the base weight changed; named adapters {list(self.adapter_names)} "
                           f"were trained on the old one and are dropped", stacklevel=3)
-            self.adapter_names = ()
-            self._buffers.pop("adapter_table", None)
+            self._clear_named_adapters()
         dev, dtype, rank = weight2d.device, weight2d.dtype, self.rank
         if weight2d.is_meta:  # deferred init: shapes only; loading real weights (load_state_dict) factorizes
             out_f, in_f = weight2d.shape
@@ -134,6 +137,83 @@ class LoLDUMixin:
         self.d.copy_(self.d0)
         self.s.copy_(self.s0)
 
+    # Named adapters: frozen (d, s) pairs kept next to the trainable one (``active_adapter``), sharing its
+    # factors. Stored as d and s, not e: moving one into d and s (activate_adapter) or to a file is then exact.
+    adapter_names: tuple = ()
+    active_adapter: str = "default"
+
+    def set_named_adapter(self, name: str, d: torch.Tensor, s: Optional[torch.Tensor] = None) -> None:
+        """Store (or replace) the frozen adapter ``name``: its diagonal ``d`` (rank values) and scale ``s`` (one
+        value; default s0). Its e = s * d - s0 * d0 is what adapter_batch reads."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{self.loldu_name}: adapter names are non-empty strings, got {name!r}")
+        if name == self.active_adapter:
+            raise ValueError(f"{self.loldu_name}: {name!r} is the trainable adapter; its values are d and s")
+        d = torch.as_tensor(d).detach().to(self.d.device, torch.float32).reshape(-1)
+        s = torch.as_tensor(self.s0 if s is None else s).detach().to(self.d.device, torch.float32).reshape(-1)
+        if d.numel() != self.rank or s.numel() != 1:
+            raise ValueError(f"{self.loldu_name}: adapter {name!r} needs {self.rank} values of d and one of s, got "
+                             f"{d.numel()} and {s.numel()}")
+        if not (torch.isfinite(d).all() and torch.isfinite(s).all()):
+            raise ValueError(f"{self.loldu_name}: adapter {name!r} has non-finite values")
+        row = {"adapter_d": d, "adapter_s": s, "adapter_table": self.scale_of(d, s)}
+        names = list(self.adapter_names)
+        for key, value in row.items():
+            table = getattr(self, key, None) if names else None
+            if name in names:
+                table = table.clone()
+                table[names.index(name)] = value
+            else:
+                table = value[None] if table is None else torch.cat([table, value[None]])
+            self.register_buffer(key, table, persistent=False)
+        if name not in names:
+            self.adapter_names = tuple(names + [name])
+
+    def adapter_values(self, name: str):
+        """(d, s) of adapter ``name`` of this layer: the trainable one's parameters, or a named one's copies."""
+        if name == self.active_adapter:
+            return self.d, self.s
+        if name not in self.adapter_names:
+            raise KeyError(name)
+        i = self.adapter_names.index(name)
+        return self.adapter_d[i].clone(), self.adapter_s[i].clone()
+
+    def delete_named_adapter(self, name: str) -> None:
+        """Drop the frozen adapter ``name`` of this layer."""
+        names = list(self.adapter_names)
+        i = names.index(name)
+        keep = [j for j in range(len(names)) if j != i]
+        if not keep:
+            self._clear_named_adapters()
+            return
+        for key in _NAMED_BUFFERS:
+            self.register_buffer(key, getattr(self, key)[keep], persistent=False)
+        self.adapter_names = tuple(names[:i] + names[i + 1:])
+
+    def _clear_named_adapters(self) -> None:
+        self.adapter_names = ()
+        for key in _NAMED_BUFFERS:
+            self._buffers.pop(key, None)
+
+    @torch.no_grad()
+    def activate_adapter(self, name: str) -> None:
+        """Make adapter ``name`` the trainable one: its values move into d and s (in place: the parameters stay
+        the same objects), and the values d and s held are stored under the previous active name. A name this
+        layer does not have starts at init (e == 0: the base)."""
+        if name == self.active_adapter:
+            return
+        if name in self.adapter_names:
+            d, s = self.adapter_values(name)
+            self.delete_named_adapter(name)
+        else:
+            d, s = self.d0.clone(), self.s0.clone()
+        previous, before = self.active_adapter, (self.d.detach().clone(), self.s.detach().clone())
+        self.active_adapter = name
+        self.set_named_adapter(previous, *before)
+        self.d.copy_(d)
+        self.s.copy_(s)
+        self.d.grad = self.s.grad = None  # gradients of the adapter that was trainable
+
     def loldu_scale(self) -> torch.Tensor:
         """e = s * d - s0 * d0 (float32, r values) of the trainable adapter."""
         return self.scale_of(self.d, self.s)
@@ -145,13 +225,17 @@ class LoLDUMixin:
     def _apply(self, fn, recurse=True):
         # .half()/.to(dtype) must not round the adapter state, nor touch a quantized base; only the device
         # of those follows.
-        kept = _FLOAT32_STATE + ("adapter_table", "weight_scale")
+        kept = _FLOAT32_STATE + _NAMED_BUFFERS + ("weight_scale",)
         if getattr(self, "base_quantization", None):
             kept += ("weight",)
         keep = {name: getattr(self, name).detach() for name in kept if getattr(self, name, None) is not None}
         super()._apply(fn, recurse)
         # d and s may have moved through .data, which leaves version counters as they were
         self.__dict__.pop("_scaled_u_entry", None)
+        stash = self.__dict__.get("_premerge")
+        if stash is not None:  # the base weight set aside by merge_weights() goes wherever the layer goes
+            with torch.no_grad():
+                stash[0].data = fn(stash[0])
         for name, before in keep.items():
             current = getattr(self, name)
             if current.dtype != before.dtype:
@@ -206,11 +290,13 @@ class LoLDULayer(LoLDUMixin):
     @classmethod
     def _shell(cls, module: nn.Module):
         self = cls.__new__(cls)
-        # Same attributes (stride, padding_idx, hooks, ...) and the same parameter objects; own containers.
-        self.__dict__.update({k: _own_copy(v) for k, v in module.__dict__.items()})
+        # Same attributes (stride, padding_idx, hooks, ...) and the same parameter objects; own containers. Not
+        # an accelerate hook's forward wrapper, which is bound to ``module``: api._replace attaches the hook anew.
+        self.__dict__.update({k: _own_copy(v) for k, v in module.__dict__.items() if k not in _ACCELERATE_HOOK})
         return self
 
     def weight2d(self) -> torch.Tensor:
+        """The weight viewed as the matrix LoLDU factors: out x everything else."""
         return self.weight.reshape(self.weight.shape[0], -1)
 
     def _setup(self, rank, alpha, init, init_seed, backend, name, freeze, source=None):
@@ -230,6 +316,7 @@ class LoLDULayer(LoLDUMixin):
         """Raise for base-layer options LoLDU cannot honour."""
 
     def freeze_base(self) -> None:
+        """requires_grad=False on the base weight and bias (to_base() gives their previous flags back)."""
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -243,10 +330,48 @@ class LoLDULayer(LoLDUMixin):
         quantized it; the precision names the dtype (or quantization) whose rounding the sketch carries."""
         if self.base_identity is not None:
             return self.base_identity
+        if self.loldu_merged:  # (never quantized: merge_weights refuses those)
+            weight = self.__dict__["_premerge"][0]
+            return (weight_checksum(weight), weight_sketch(weight.reshape(weight.shape[0], -1)),
+                    str(weight.dtype).replace("torch.", ""))
         if self.weight.is_meta:
             raise ValueError(f"{self.loldu_name}: the base weight is on the meta device; load real weights first")
         precision = self.base_quantization or str(self.weight.dtype).replace("torch.", "")
         return weight_checksum(self.weight), weight_sketch(self.factor_weight()), precision
+
+    def loldu_settings(self) -> LoLDUConfig:
+        """This layer's settings as a LoLDUConfig (rank and alpha as the layer holds them)."""
+        return LoLDUConfig(rank=self.rank, alpha=self.alpha, init=self.init, init_seed=self.init_seed,
+                           base_quantization=self.base_quantization, backend=self.backend)
+
+    @property
+    def loldu_merged(self) -> bool:
+        """Whether merge_weights() put W0 + delta into ``weight`` (until unmerge_weights())."""
+        return "_premerge" in self.__dict__
+
+    @torch.no_grad()
+    def merge_weights(self) -> None:
+        """Serve with ``weight`` = W0 + L diag(e) U (one plain GEMM, no rank-r path), keeping the base weight
+        itself aside: unmerge_weights() puts that same tensor back, so the base is restored bit for bit and
+        training can go on. A layer already merged stays as it is."""
+        if self.loldu_merged:
+            return
+        if self.base_quantization is not None:
+            raise ValueError(f"{self.loldu_name}: the base is quantized ({self.base_quantization}); a merged weight "
+                             f"would be a full-precision copy next to it. Serve it unmerged (the kernels "
+                             f"dequantize in the GEMM), or merge for good with merge_loldu(model)")
+        merged = nn.Parameter(self.merged_weight(), requires_grad=False)
+        self.__dict__["_premerge"] = (self.weight, self.loldu_enabled)
+        self.weight = merged
+        self.loldu_enabled = False  # forward's plain path, now on the merged weight
+
+    def unmerge_weights(self) -> None:
+        """Undo merge_weights(): the base weight (the same tensor) and the enabled state come back."""
+        if not self.loldu_merged:
+            return
+        weight, enabled = self.__dict__.pop("_premerge")
+        self.weight = weight
+        self.loldu_enabled = enabled
 
     def factor_weight(self) -> torch.Tensor:
         """The 2-D weight the factors come from: the weight, or a quantized one dequantized (its unquantized
@@ -267,7 +392,8 @@ class LoLDULayer(LoLDUMixin):
         return merged.view(self.weight.shape)
 
     def to_base(self, merge: bool) -> nn.Module:
-        """The plain base layer: the base weight itself (merge=False) or W0 + delta (merge=True)."""
+        """The plain base layer: the base weight itself (merge=False) or W0 + delta (merge=True), also from a
+        layer that merge_weights() merged."""
         base = self.base_class.__new__(self.base_class)
         attrs, params, buffers = self._base_state
         base.__dict__.update({k: _own_copy(v) for k, v in self.__dict__.items() if k in attrs})
@@ -277,7 +403,10 @@ class LoLDULayer(LoLDUMixin):
         base._non_persistent_buffers_set &= buffers
         w_grad, b_grad = self.base_requires_grad
         if merge:
-            base.weight = nn.Parameter(self.merged_weight(), requires_grad=w_grad)
+            merged = self.weight if self.loldu_merged else self.merged_weight()
+            base.weight = nn.Parameter(merged.detach(), requires_grad=w_grad)
+        elif self.loldu_merged:
+            base.weight = self.__dict__["_premerge"][0]
         elif self.base_quantization is not None:  # the dequantized base: the unquantized one is gone
             base.weight = nn.Parameter(self.dense_weight().detach().clone(), requires_grad=w_grad)
         else:
@@ -289,6 +418,9 @@ class LoLDULayer(LoLDUMixin):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         incoming = state_dict.get(prefix + "weight")
+        if self.loldu_merged and incoming is not None:
+            raise ValueError(f"{self.loldu_name}: the layer is merged (merge_loldu(..., reversible=True)); "
+                             f"unmerge_loldu(model) before loading a state dict into it")
         if self.base_quantization is not None and incoming is not None and incoming.dtype != self.weight.dtype:
             raise ValueError(f"{self.loldu_name}: holds a quantized ({self.base_quantization}) base; a "
                              f"{incoming.dtype} weight cannot be loaded into it. Load the full-precision "
@@ -313,8 +445,8 @@ class LoLDULayer(LoLDUMixin):
                              f"expected {expected}")
 
     def _loldu_repr(self) -> str:
-        return f", rank={self.rank}, alpha={self.alpha:g}, init={self.init!r}" + (
-            "" if self.loldu_enabled else ", disabled")
+        state = ", merged" if self.loldu_merged else "" if self.loldu_enabled else ", disabled"
+        return f", rank={self.rank}, alpha={self.alpha:g}, init={self.init!r}" + state
 
 
 class LoLDULinear(LoLDULayer, nn.Linear):
@@ -360,28 +492,10 @@ class LoLDULinear(LoLDULayer, nn.Linear):
             self._refactorize(self.weight)
             self.reset_loldu()
 
-    # Named adapters (frozen, for serving several in one batch): their e vectors, one row each. Row 0 of the
-    # table a batch uses is "no adapter" (zeros) and row 1 the trainable default adapter.
-    adapter_names: tuple = ()
-
-    def set_named_adapter(self, name: str, e: torch.Tensor) -> None:
-        """Store (or replace) the e vector of a named adapter of this layer."""
-        e = e.detach().to(self.d.device, torch.float32).reshape(1, self.rank)
-        names = list(self.adapter_names)
-        table = getattr(self, "adapter_table", None)
-        table = table if table is not None else e.new_empty(0, self.rank)
-        if name in names:
-            table = table.clone()
-            table[names.index(name)] = e[0]
-        else:
-            names.append(name)
-            table = torch.cat([table, e])
-        self.adapter_names = tuple(names)
-        self.register_buffer("adapter_table", table, persistent=False)
-
     def batch_table_row(self, name: Optional[str]) -> int:
-        """The row of the per-batch table for an adapter name: None or an adapter this layer lacks -> 0."""
-        if name == "default":
+        """The row of the per-batch table for an adapter name: 0 is "no adapter" (None, or an adapter this layer
+        lacks), 1 the trainable adapter, then the named ones."""
+        if name == self.active_adapter:
             return 1
         return 2 + self.adapter_names.index(name) if name in self.adapter_names else 0
 

@@ -223,3 +223,14 @@ def test_damaged_files_are_refused_naming_the_file_and_the_model_is_unchanged(tm
 def test_save_without_loldu_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="has no LoLDU layer"):
         save_loldu(TinyLM(), tmp_path)
+
+
+def test_a_4096_square_layer_at_rank_1024_takes_well_under_16_kb(tmp_path):
+    # The paper's LLaMA2-7B setting, one layer: d and s (4,100 B), pivots (4,096 B), the sketch (72 B) and the
+    # settings; nothing grows with the layer's width. (benchmarks/adapter_size.py measures the 64 layers.)
+    model = nn.Module()
+    model.q_proj = nn.Linear(4096, 4096, bias=False)
+    add_loldu(model, rank=1024)
+    save_loldu(model, tmp_path)
+    size = (tmp_path / ADAPTER_NAME).stat().st_size
+    assert size < 10_000, size

@@ -172,6 +172,26 @@ def test_unknown_target_is_an_error_naming_it_and_nothing_changes():
     assert adapted(model) == []
 
 
+def test_both_routes_clamp_a_rank_a_layer_cannot_hold_alike():
+    # The reference route (the seed README's partial(..., rank=15)) on layers narrower than the rank behaves
+    # as rank=: lowered to the layer's full rank, one warning naming the layer, the same layers built.
+    torch.manual_seed(0)
+    by_rank, by_seed = TinyLM(), TinyLM()
+    by_seed.load_state_dict(by_rank.state_dict())
+    messages = []
+    for model, kwargs in ((by_rank, dict(rank=10)), (by_seed, dict(loldu_config=seed_config(10)))):
+        with pytest.warns(UserWarning) as record:
+            add_loldu(model, **kwargs)
+        messages.append([str(w.message) for w in record if "holds at most" in str(w.message)])
+    assert messages[0] == messages[1] == ["add_loldu: 'lm_head' (6x16) holds at most rank 6; using 6 instead of 10"]
+    for (name, a), (_, b) in zip(by_rank.named_modules(), by_seed.named_modules()):
+        assert type(a) is type(b), name
+        if isinstance(a, LoLDULinear):
+            assert a.rank == b.rank and torch.equal(a.L, b.L) and torch.equal(a.d, b.d), name
+    with pytest.warns(UserWarning, match=r"from_linear: Linear weight \(6x16\) holds at most rank 6"):
+        assert LoLDUParametrization.from_linear(nn.Linear(16, 6), rank=15).rank == 6
+
+
 def test_model_wide_rank_is_clamped_per_layer_with_one_warning_naming_it():
     model = TinyLM()
     with pytest.warns(UserWarning) as record:
@@ -229,8 +249,11 @@ def test_failure_part_way_leaves_the_model_exactly_as_it_was():
 
 
 def test_seed_config_errors_name_the_layer_and_reject_other_types():
-    with pytest.raises(ValueError, match=r"layer 'lm_head': .*rank must be an int in \[1, min\(out, in\)\] = \[1, 6\]"):
-        add_loldu(TinyLM(), loldu_config=seed_config(10))
+    bad_init = {nn.Linear: {"weight": partial(LoLDUParametrization.from_linear, rank=2, init="bogus")}}
+    model = TinyLM()
+    with pytest.raises(ValueError, match=r"layer 'layers.0.q_proj': .*init must be one of"):
+        add_loldu(model, loldu_config=bad_init)
+    assert adapted(model) == []
     with pytest.raises(ValueError, match="supported layers are nn.Linear, nn.Conv2d and nn.Embedding"):
         add_loldu(TinyLM(), loldu_config={nn.LayerNorm: {"weight": lambda layer: None}})
     with pytest.raises(ValueError, match="either loldu_config or rank="):

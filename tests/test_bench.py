@@ -27,10 +27,14 @@ def test_loldu_keeps_only_t_for_backward():
     assert saved_bytes(modules["seed_param"], x) >= M * K * 4  # rebuilding W makes autograd keep x
 
 
-def test_bench_writes_csv_markdown_and_plot_with_ratios_to_the_floor(tmp_path):
+def test_bench_writes_csv_markdown_and_plot_with_ratios_to_the_floor(tmp_path, capsys):
     args = SimpleNamespace(device="cpu", dtype="float32", shapes="16x32x24", ranks="4,full", methods=None,
                            repeats=2, out=str(tmp_path))
     results = run_bench(args)
+    printed = capsys.readouterr()
+    # piped (not a terminal): the header once, each row once, no progress-bar carriage returns
+    assert printed.out.count("| method |") == 1 and printed.out.count("| loldu |") == 2
+    assert "\r" not in printed.out + printed.err
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
     # linear, loldu, loldu_int8, loldu_fp8, loldu_unfused, seed_param, and PEFT LoRA and VeRA where installed
     peft = importlib.util.find_spec("peft") is not None
@@ -88,3 +92,21 @@ def test_bench_prints_roofline_columns_for_a_named_gpu_and_writes_rows_as_measur
     assert "roofline columns: H100" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--gpu must be one of"):
         run_bench(SimpleNamespace(**{**vars(args), "gpu": "V100"}))
+
+
+def test_bench_plot_has_a_title_and_plain_ratio_ticks(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from loldu_triton.bench import Result, plot
+
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    rows = [Result("cpu", "float32", 16, 32, 24, r, m, 1.0, 1.0, 2.0, fwd_bwd_ratio=x)
+            for r in (4, 24) for m, x in (("linear", 1.0), ("loldu", 1.7))]
+    plot(rows, tmp_path / "bench.png")
+    ax = figures[0].axes[0]
+    assert "frozen nn.Linear" in ax.get_title() and "cpu, float32" in ax.get_title()
+    figures[0].canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert "1x" in labels and "2x" in labels, labels
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["M=16\n32x24\nr=4", "M=16\n32x24\nr=24"]

@@ -40,3 +40,10 @@ def test_short_demo_writes_results_and_merging_keeps_accuracy(tmp_path):
     assert params[("LoLDU", "full")] == head + (64 + 1) + 2 * (256 + 1)
     assert (tmp_path / "results.md").read_text().count("| LoLDU |") == 3
     assert (tmp_path / "accuracy_vs_params.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_version_flag_prints_the_package_version():
+    from loldu_triton import __version__
+
+    out = subprocess.run([sys.executable, "-m", "loldu_triton.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"loldu-triton {__version__}"

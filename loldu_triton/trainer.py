@@ -1,0 +1,40 @@
+"""transformers.Trainer support: a callback that writes the LoLDU adapter into every checkpoint folder.
+
+    trainer = Trainer(model, args, train_dataset=..., callbacks=[LoLDUCheckpointCallback()])
+
+Trainer itself still writes its usual checkpoint (the whole model, optimizer and RNG states, which
+``resume_from_checkpoint`` needs); the callback adds ``loldu_adapter.safetensors`` next to it, a few KB that
+``load_loldu(base_model, checkpoint_folder)`` loads onto a fresh base. Needs transformers.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .adapters import save_loldu
+
+
+class LoLDUCheckpointCallback(TrainerCallback):
+    """Saves the model's LoLDU adapter (``adapter_name``: None for the trainable one) into each checkpoint
+    folder Trainer writes, ``<output_dir>/checkpoint-<step>/``, on the main process only."""
+
+    def __init__(self, adapter_name: Optional[str] = None):
+        if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name):
+            raise ValueError(f"LoLDUCheckpointCallback: adapter_name must be None or a non-empty string, got "
+                             f"{adapter_name!r}")
+        self.adapter_name = adapter_name
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        """Trainer calls this right after it wrote a checkpoint."""
+        if model is None or not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if not folder.is_dir():  # (a hyperparameter search writes into run-* subfolders)
+            warnings.warn(f"LoLDUCheckpointCallback: no checkpoint folder {folder}; the LoLDU adapter of step "
+                          f"{state.global_step} was not saved", stacklevel=2)
+            return
+        save_loldu(model, folder, adapter_name=self.adapter_name)

@@ -1,0 +1,156 @@
+"""export_lora: a LoLDU adapter as a standard PEFT LoRA adapter, checked by loading it with peft itself."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from loldu_triton import LoLDUConfig, add_loldu, get_loldu_model, load_loldu, loldu_layers, merge_loldu, save_loldu
+from loldu_triton.lora_export import export_lora
+from test_adapters import assert_unchanged, snapshot
+from test_api import TinyLM, train
+
+peft = pytest.importorskip("peft")
+
+
+class ConvEmbed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 12, padding_idx=0)
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.proj = nn.Linear(12, 8)
+
+    def forward(self, idx, img):
+        return self.proj(self.emb(idx)).mean(1) + self.conv(img).mean((2, 3))
+
+
+def nudge(model, seed=0):
+    """Trained-looking adapter values: every e nonzero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in loldu_layers(model):
+            layer.d.mul_(1 + 0.3 * torch.randn(layer.rank, generator=gen))
+            layer.s.mul_(1.1)
+
+
+def peft_model(base, directory):
+    return peft.PeftModel.from_pretrained(copy.deepcopy(base), str(directory)).eval()
+
+
+def test_peft_loads_the_export_and_computes_the_loldu_model(tmp_path):
+    torch.manual_seed(0)
+    base = TinyLM()
+    model = copy.deepcopy(base)
+    with pytest.warns(UserWarning, match="holds at most rank 6"):  # lm_head at rank 6: padded to 10
+        get_loldu_model(model, LoLDUConfig(rank=10, target_modules=["q_proj", "v_proj", "lm_head"]))
+    train(model, torch.randn(6, 16), steps=4, lr=5e-2)
+    export_lora(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 10
+    assert config["target_modules"] == [n for n, _ in loldu_layers(model)]
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert keys["base_model.model.lm_head.lora_B.weight"].shape == (6, 10)
+    assert keys["base_model.model.layers.0.q_proj.lora_A.weight"].shape == (10, 16)
+
+    lora = peft_model(base, tmp_path)
+    x = torch.randn(7, 16)
+    with torch.no_grad():
+        want = model(x)
+        assert not torch.allclose(want, base(x), atol=1e-3)  # the adapter does something
+        torch.testing.assert_close(lora(x), want, rtol=1e-5, atol=1e-5)
+        merged_lora = lora.merge_and_unload()
+        merge_loldu(model)
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear):
+                torch.testing.assert_close(merged_lora.get_submodule(name).weight, module.weight, rtol=1e-5,
+                                           atol=1e-6)
+
+
+def test_conv2d_and_embedding_export_with_peft_key_layout(tmp_path):
+    torch.manual_seed(0)
+    base = ConvEmbed()
+    model = copy.deepcopy(base)
+    add_loldu(model, rank=4, target_modules=["emb", "conv", "proj"])
+    nudge(model)
+    export_lora(model, tmp_path)
+    lora = peft_model(base, tmp_path)
+    assert type(lora.base_model.model.emb).__name__ == "Embedding"  # peft's lora.Embedding
+    idx, img = torch.randint(0, 20, (5, 6)), torch.randn(5, 3, 9, 9)
+    idx[0, 0] = 0  # the padding row stays the base's
+    with torch.no_grad():
+        torch.testing.assert_close(lora(idx, img), model(idx, img), rtol=1e-5, atol=1e-5)
+        merged = lora.merge_and_unload()
+        merge_loldu(model)
+        for name in ("emb", "conv", "proj"):
+            torch.testing.assert_close(merged.get_submodule(name).weight, model.get_submodule(name).weight,
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_hf_llama_export_round_trips_through_peft(tmp_path):
+    tf = pytest.importorskip("transformers")
+    config = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    base = tf.LlamaForCausalLM(config).eval()
+    model = copy.deepcopy(base)
+    get_loldu_model(model, LoLDUConfig(rank=8, target_modules="all-linear"))
+    nudge(model)
+    export_lora(model, tmp_path)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(base, tmp_path)(input_ids=ids).logits, model(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_named_adapter_export_and_refusals_write_nothing(tmp_path):
+    torch.manual_seed(0)
+    base = TinyLM()
+    model = copy.deepcopy(base)
+    add_loldu(model, rank=4, target_modules=["q_proj"])
+    nudge(model, seed=1)
+    save_loldu(model, tmp_path / "first")
+    nudge(model, seed=2)
+    load_loldu(model, tmp_path / "first", adapter_name="first")
+    export_lora(model, tmp_path / "lora-first", adapter_name="first")
+    reference = copy.deepcopy(base)
+    load_loldu(reference, tmp_path / "first")
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(base, tmp_path / "lora-first")(x), reference(x), rtol=1e-5,
+                                   atol=1e-5)
+
+    grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Conv2d(8, 8, 3, dilation=2))
+    add_loldu(grouped, rank=2, target_modules=["0", "1"])
+    before = snapshot(grouped)
+    with pytest.raises(ValueError, match=r"cannot express these layers exactly: '0': groups=2.*; '1': dilation=\(2, 2\)"):
+        export_lora(grouped, tmp_path / "grouped")
+    for bad, match in [(dict(adapter_name="nope"), "no layer has an adapter 'nope'"),
+                       (dict(dtype="float16"), "dtype must be a floating torch.dtype")]:
+        with pytest.raises(ValueError, match=match):
+            export_lora(model, tmp_path / "bad", **bad)
+    with torch.no_grad():
+        model.layers[0].q_proj.d[0] = float("inf")
+    with pytest.raises(ValueError, match="'layers.0.q_proj' has non-finite adapter values"):
+        export_lora(model, tmp_path / "bad")
+    with pytest.raises(ValueError, match="has no LoLDU layer"):
+        export_lora(TinyLM(), tmp_path / "bad")
+    assert not (tmp_path / "grouped").exists() and not (tmp_path / "bad").exists()
+    assert_unchanged(grouped, before)
+
+
+def test_a_name_that_is_also_the_suffix_of_another_module_is_written_as_a_full_match_regex(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8)))  # "0" and "1.0"
+    model = copy.deepcopy(base)
+    add_loldu(model, rank=3, target_modules=r"0")
+    nudge(model)
+    export_lora(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == "(0)"
+    lora = peft_model(base, tmp_path)
+    assert type(lora.base_model.model[1][0]) is nn.Linear  # "1.0" is left alone
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(lora(x), model(x), rtol=1e-5, atol=1e-5)

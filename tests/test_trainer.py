@@ -1,0 +1,75 @@
+"""transformers.Trainer: LoLDU fine-tuning of a tiny Llama (random weights, built from a config) on CPU, with
+the library's callback saving the adapter at each checkpoint, a resume, and the final adapter on a fresh base."""
+import copy
+
+import pytest
+import torch
+
+tf = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # Trainer needs it
+
+from loldu_triton import LoLDUConfig, get_loldu_model, load_loldu, loldu_layers  # noqa: E402
+from loldu_triton.adapters import ADAPTER_NAME  # noqa: E402
+from loldu_triton.trainer import LoLDUCheckpointCallback  # noqa: E402
+
+CONFIG = LoLDUConfig(rank=4, target_modules=["q_proj", "v_proj"])
+
+
+def base_llama():
+    config = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(config)
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=16, length=12):
+        self.ids = torch.randint(0, 64, (n, length), generator=torch.Generator().manual_seed(1))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def trainer_for(model, out):
+    args = tf.TrainingArguments(output_dir=str(out), max_steps=6, save_steps=3, per_device_train_batch_size=4,
+                                learning_rate=3e-2, lr_scheduler_type="constant", use_cpu=True, report_to="none",
+                                logging_steps=1, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    return tf.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[LoLDUCheckpointCallback()])
+
+
+def test_trainer_saves_the_adapter_at_each_checkpoint_resumes_and_the_final_adapter_reloads(tmp_path):
+    base = base_llama()
+    base_state = copy.deepcopy(base.state_dict())
+    model = get_loldu_model(base, CONFIG)
+    trainer = trainer_for(model, tmp_path / "run")
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+    for step in (3, 6):
+        assert (tmp_path / "run" / f"checkpoint-{step}" / ADAPTER_NAME).is_file()
+    final = {name: (layer.d.detach().clone(), layer.s.detach().clone()) for name, layer in loldu_layers(model)}
+
+    # resume from step 3 with a fresh model: the same end point as the run that never stopped
+    fresh = base_llama()
+    fresh.load_state_dict(base_state)
+    resumed = get_loldu_model(fresh, CONFIG)
+    trainer_for(resumed, tmp_path / "run").train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+    for name, layer in loldu_layers(resumed):
+        torch.testing.assert_close(layer.d, final[name][0], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(layer.s, final[name][1], rtol=1e-6, atol=1e-7)
+
+    # the final checkpoint's adapter, on a fresh base, gives the trained model's outputs
+    serving = base_llama()
+    serving.load_state_dict(base_state)
+    load_loldu(serving.eval(), tmp_path / "run" / "checkpoint-6")
+    ids = Tokens().ids[:3]
+    with torch.no_grad():
+        assert torch.equal(serving(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+def test_callback_checks_its_argument():
+    with pytest.raises(ValueError, match="adapter_name must be None or a non-empty string"):
+        LoLDUCheckpointCallback(adapter_name=3)
