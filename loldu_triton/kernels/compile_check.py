@@ -22,6 +22,7 @@ from typing import List, Optional
 import torch
 
 from . import common, configs
+from ..functional import shrink_dtype
 from .common import EParts
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -83,7 +84,7 @@ def _calls(o):
 
     x, dy, W, b, L, U, e, sc = (o[k] for k in ("x", "dy", "weight", "bias", "L", "U", "e", "scale"))
     M, N = x.shape[0], W.shape[0]
-    t = torch.empty((M, L.shape[1]), dtype=x.dtype, device="meta")
+    t = torch.empty((M, L.shape[1]), dtype=shrink_dtype(x.dtype), device="meta")
     y, dx = torch.empty((M, N), dtype=x.dtype, device="meta"), torch.empty_like(x)
     parts = EParts(e[:1], e, e[:1], e)
     return {

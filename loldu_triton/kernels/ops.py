@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from ..functional import shrink_dtype
 from .common import INTERPRET, EParts, triton_op
 from .gemm import gemm
 from .merge import merged_weight
@@ -22,7 +23,7 @@ def _e(e, es, es0, ed0):
 
 def forward_into(x, weight, bias, L, U, e, route, y, scale=None):
     M, K = x.shape
-    t = torch.empty((M, L.shape[1]), device=x.device, dtype=x.dtype)
+    t = torch.empty((M, L.shape[1]), device=x.device, dtype=shrink_dtype(x.dtype))
     if M == 0:
         return t
     shrink(x, U, U.stride(1), U.stride(0), t)
@@ -56,7 +57,7 @@ def forward_rows_impl(x, weight, bias, L, U, e, rows, scale=None):
     """forward with a per-row adapter: row m scales by e[rows[m]] of an (A, r) table. Returns (y, t)."""
     M, N, r = x.shape[0], weight.shape[0], L.shape[1]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    t = torch.empty((M, r), device=x.device, dtype=x.dtype)
+    t = torch.empty((M, r), device=x.device, dtype=shrink_dtype(x.dtype))
     if M:
         shrink(x, U, U.stride(1), U.stride(0), t)
         gemm(x, weight, weight.stride(1), weight.stride(0), y, (t, e, L, L.stride(1), L.stride(0)), bias, rows=rows,
@@ -88,7 +89,7 @@ def _fwd_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
 
 
 def _fwd_fake(x, weight, bias, L, U, e, route, scale=None, es=None, es0=None, ed0=None):
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], L.shape[1]))
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], L.shape[1]), dtype=shrink_dtype(x.dtype))
 
 
 def _bwd_impl(dy: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor,

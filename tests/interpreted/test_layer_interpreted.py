@@ -71,3 +71,36 @@ def test_many_adapters_in_one_batch_match_the_torch_path():
         batched[backend] = (y.detach(), x.grad, model[0].d.grad, model[2].d.grad)
     errs = [_rel(g, t) for g, t in zip(batched["triton"], batched["torch"])]
     assert all(err < 1e-5 for err in errs), errs  # y, dx, grad of both layers' d
+
+
+def test_fp16_small_pivot_keeps_t_in_float32_and_the_output_finite():
+    # Column 0 of +-2e-2 next to N(0, 1) entries: U's first row grows to ~150, and x U^T exceeds fp16's range
+    # although x W^T does not. Issue 10: never NaN at init (inf * (e == 0)).
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 16).half()
+    with torch.no_grad():
+        lin.weight.normal_()
+        lin.weight[:, 0] = 2e-2 * torch.sign(torch.randn(16)).half()
+    x = 150 * torch.randn(5, 64).half()
+    model = add_loldu(nn.Sequential(lin), rank=4, backend="triton")
+    assert (x.float() @ model[0].U.float().T).abs().max() > 65504
+    y, t = kernels.forward(x, lin.weight, lin.bias, model[0].L, model[0].U, model[0].loldu_scale())
+    assert t.dtype == torch.float32 and torch.isfinite(t).all()
+    assert torch.isfinite(model(x)).all() and torch.isfinite(y).all()
+
+
+def test_double_backward_on_the_triton_backend_matches_the_torch_path():
+    grads = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = add_loldu(nn.Sequential(nn.Linear(45, 29), nn.Tanh(), nn.Linear(29, 13)), rank=5, backend=backend)
+        with torch.no_grad():
+            for p in get_loldu_params(model):
+                p.mul_(1.1)
+        x = torch.randn(19, 45, requires_grad=True)
+        params = get_loldu_params(model)
+        first = torch.autograd.grad(model(x).pow(2).sum(), params, create_graph=True)
+        penalty = sum(g.pow(2).sum() for g in first)  # a gradient penalty
+        grads[backend] = torch.autograd.grad(penalty, [x] + params)
+    for got, want in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
