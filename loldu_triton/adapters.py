@@ -27,7 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ._version import __version__
-from .api import _offloaded, _refuse_merged, _replace, _why_not_adaptable, base_type, list_adapters, loldu_layers
+from .api import _offloaded, _refuse_merged, _replace, _why_not_adaptable, adapter_layers, base_type, loldu_layers
 from .config import LoLDUConfig
 from .factorize import SKETCH_PROBES
 from .layer import LOLDU_LAYERS, LoLDULayer
@@ -188,19 +188,7 @@ def save_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None) 
     the trainable adapter, ``load_loldu(base, directory, adapter_name=name)`` a named one, with the same d and s
     bit for bit. The adapter goes into one file, replaced atomically: an interrupted save leaves the previous
     adapter as it was. Non-finite values are refused before anything is written."""
-    layers = loldu_layers(model)
-    if not layers:
-        raise ValueError("save_loldu: the model has no LoLDU layer")
-    if any(not name for name, _ in layers):
-        raise ValueError("save_loldu: the model itself is a LoLDU layer; save a module that contains it")
-    if adapter_name is not None:
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise ValueError(f"save_loldu: adapter_name must be None or a non-empty string, got {adapter_name!r}")
-        layers = [(name, layer) for name, layer in layers
-                  if adapter_name == layer.active_adapter or adapter_name in layer.adapter_names]
-        if not layers:
-            raise ValueError(f"save_loldu: no layer has an adapter {adapter_name!r}; the model has "
-                             f"{list_adapters(model)}")
+    layers = adapter_layers(model, adapter_name, "save_loldu")
     records, tensors = {}, {}
     for name, layer in layers:
         sha256, sketch, precision = layer.base_fingerprint()  # (first: refuses a base still on the meta device)

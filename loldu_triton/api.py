@@ -456,6 +456,25 @@ def _check_adapter_name(name, where: str) -> str:
     return name
 
 
+def adapter_layers(model: nn.Module, adapter_name: Optional[str], where: str) -> List[Tuple[str, LoLDULayer]]:
+    """(name, layer) of the LoLDU layers that hold ``adapter_name`` (None: every LoLDU layer, for its trainable
+    adapter), for functions that write an adapter out; errors name ``where``."""
+    layers = loldu_layers(model)
+    if not layers:
+        raise ValueError(f"{where}: the model has no LoLDU layer")
+    if any(not name for name, _ in layers):
+        raise ValueError(f"{where}: the model itself is a LoLDU layer; pass a module that contains it")
+    if adapter_name is None:
+        return layers
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"{where}: adapter_name must be None or a non-empty string, got {adapter_name!r}")
+    layers = [(name, layer) for name, layer in layers
+              if adapter_name == layer.active_adapter or adapter_name in layer.adapter_names]
+    if not layers:
+        raise ValueError(f"{where}: no layer has an adapter {adapter_name!r}; the model has {list_adapters(model)}")
+    return layers
+
+
 def list_adapters(model: nn.Module) -> List[str]:
     """The names of the model's adapters: the trainable one first, then the named (frozen) ones in the order
     they were loaded."""

@@ -16,7 +16,7 @@ import torch.nn as nn
 from safetensors.torch import save as save_safetensors
 
 from .adapters import _atomic_write
-from .api import list_adapters, loldu_layers
+from .api import adapter_layers
 from .layer import LoLDUConv2d, LoLDUEmbedding, LoLDULayer
 
 LORA_CONFIG_NAME = "adapter_config.json"
@@ -80,21 +80,9 @@ def export_lora(model: nn.Module, directory, adapter_name: Optional[str] = None,
     The file is as large as a rank-r LoRA (r x (in + out) values a layer), not r + 1 values as LoLDU's own.
     """
     where = "export_lora"
-    layers = loldu_layers(model)
-    if not layers:
-        raise ValueError(f"{where}: the model has no LoLDU layer")
-    if any(not name for name, _ in layers):
-        raise ValueError(f"{where}: the model itself is a LoLDU layer; export a module that contains it")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"{where}: dtype must be a floating torch.dtype, got {dtype!r}")
-    if adapter_name is not None:
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise ValueError(f"{where}: adapter_name must be None or a non-empty string, got {adapter_name!r}")
-        layers = [(n, layer) for n, layer in layers
-                  if adapter_name == layer.active_adapter or adapter_name in layer.adapter_names]
-        if not layers:
-            raise ValueError(f"{where}: no layer has an adapter {adapter_name!r}; the model has "
-                             f"{list_adapters(model)}")
+    layers = adapter_layers(model, adapter_name, where)
     refused = {name: why for name, layer in layers if (why := _why_not_exportable(layer))}
     if refused:
         reasons = "; ".join(f"{name!r}: {why}" for name, why in refused.items())
