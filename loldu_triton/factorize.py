@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import INITS, check_init, check_rank
+from .config import check_init, check_rank
 
 # A pivot whose row would need entries of U larger than this is treated as unusable: such a direction is
 # numerically dominated by cancellation, and the bound keeps U finite even in float16 (max 65504).
