@@ -1,7 +1,6 @@
 """Models dispatched by accelerate (device_map=): layers carrying hooks are adapted with the hook kept on the
 LoLDU layer; offloaded layers are refused by name. CPU only: a cpu + disk device_map gives both kinds."""
 import copy
-import tempfile
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from loldu_triton import (
     save_loldu,
 )
 from test_api import TinyLM
+from conftest import tiny_llama
 
 hooks = pytest.importorskip("accelerate.hooks")
 accelerate = pytest.importorskip("accelerate")
@@ -116,11 +116,7 @@ def assert_same(model, before):
 def dispatched_llama(offload_dir):
     """A tiny Llama dispatched as device_map= leaves it: layer 0 on the CPU (a hook on every leaf), layer 1
     offloaded to disk (hooks, and weights on the meta device)."""
-    tf = pytest.importorskip("transformers")
-    config = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(config).eval()
+    model = tiny_llama().eval()
     base = copy.deepcopy(model)
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                   "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from conftest import rel_err
+from conftest import rel_err, tiny_llama
 from loldu_triton import (
     LoLDULinear,
     add_loldu,
@@ -69,11 +69,7 @@ def _transformers():
 
 
 def _llama(seed: int = 0):
-    tf = _transformers()
-    config = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    return tf.LlamaForCausalLM(config).eval()
+    return tiny_llama(seed).eval()
 
 
 def _bert(seed: int = 0):

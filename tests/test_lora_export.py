@@ -10,6 +10,7 @@ from loldu_triton import LoLDUConfig, add_loldu, get_loldu_model, load_loldu, lo
 from loldu_triton.lora_export import export_lora
 from test_adapters import assert_unchanged, snapshot
 from test_api import TinyLM, train
+from conftest import tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -90,11 +91,7 @@ def test_conv2d_and_embedding_export_with_peft_key_layout(tmp_path):
 
 
 def test_hf_llama_export_round_trips_through_peft(tmp_path):
-    tf = pytest.importorskip("transformers")
-    config = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    base = tf.LlamaForCausalLM(config).eval()
+    base = tiny_llama().eval()
     model = copy.deepcopy(base)
     get_loldu_model(model, LoLDUConfig(rank=8, target_modules="all-linear"))
     nudge(model)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama as base_tiny_llama
 
 tf = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -17,10 +18,7 @@ NOT_RUN = {"torch.distributed.init_process_group": "needs several processes and 
 
 
 def tiny_llama(dtype=None):
-    config = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(config)
+    model = base_tiny_llama()
     return model.to(dtype) if dtype is not None else model
 
 

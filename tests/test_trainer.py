@@ -11,15 +11,13 @@ pytest.importorskip("accelerate")  # Trainer needs it
 from loldu_triton import LoLDUConfig, get_loldu_model, load_loldu, loldu_layers  # noqa: E402
 from loldu_triton.adapters import ADAPTER_NAME  # noqa: E402
 from loldu_triton.trainer import LoLDUCheckpointCallback  # noqa: E402
+from conftest import tiny_llama
 
 CONFIG = LoLDUConfig(rank=4, target_modules=["q_proj", "v_proj"])
 
 
 def base_llama():
-    config = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    return tf.LlamaForCausalLM(config)
+    return tiny_llama()
 
 
 class Tokens(torch.utils.data.Dataset):
