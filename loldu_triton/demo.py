@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,10 +48,12 @@ class Row:
     rank: Optional[object]
     trainable_params: int
     accuracy: float
-    train_seconds: float
+    train_seconds: float  # epochs x the median epoch: one stalled epoch on a shared machine does not count
     adapter_bytes: int
     lr: float
     merged_accuracy: Optional[float] = None
+    epoch_seconds_min: float = float("nan")  # the spread of the epochs' times
+    epoch_seconds_max: float = float("nan")
 
 
 class LoRALinear(nn.Module):
@@ -113,14 +116,17 @@ def load_digits_tasks(seed: int, device):
     return pretrain, adapt, held_out
 
 
-def train(model, params, data, epochs, lr, seed, head_lr=1e-2, progress=None, batch=64):
+def train(model, params, data, epochs, lr, seed, head_lr=1e-2, progress=None, batch=64) -> List[float]:
+    """Trains in place; returns each epoch's seconds."""
     x, y = data
     gen = torch.Generator().manual_seed(seed)
     head = list(model.head.parameters())
     head_ids = {id(p) for p in head}
     groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": lr}, {"params": head, "lr": head_lr}]
     opt = torch.optim.Adam([g for g in groups if g["params"]])
+    seconds = []
     for _ in range(epochs):
+        start = time.perf_counter()
         order = torch.randperm(len(x), generator=gen).to(x.device)
         for i in range(0, len(x), batch):
             idx = order[i : i + batch]
@@ -128,9 +134,13 @@ def train(model, params, data, epochs, lr, seed, head_lr=1e-2, progress=None, ba
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        seconds.append(time.perf_counter() - start)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}")
+    return seconds
 
 
 @torch.no_grad()
@@ -169,13 +179,13 @@ def run_method(method: Method, pretrained: MLP, adapt, held_out, epochs, seed, w
             p.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     label = method.name + (f" r={method.rank}" if method.rank is not None else "")
-    start = time.perf_counter()
     with tqdm_cls(total=epochs, desc=f"{label:<18}", leave=False) as bar:
-        train(model, params, adapt, epochs, method.lr, seed, progress=bar)
-    seconds = time.perf_counter() - start
+        epochs_s = train(model, params, adapt, epochs, method.lr, seed, progress=bar)
     model.eval()
-    row = Row(method.name, method.rank, sum(p.numel() for p in params), accuracy(model, held_out), seconds,
-              trainable_bytes(model, workdir, label.replace(" ", "_").replace("=", "")), method.lr)
+    row = Row(method.name, method.rank, sum(p.numel() for p in params), accuracy(model, held_out),
+              epochs * statistics.median(epochs_s),
+              trainable_bytes(model, workdir, label.replace(" ", "_").replace("=", "")), method.lr,
+              epoch_seconds_min=min(epochs_s), epoch_seconds_max=max(epochs_s))
     if method.name == "LoLDU":
         # the adapter file alone reproduces the model on a fresh copy of the pretrained body
         save_loldu(model.body, workdir / f"loldu_r{method.rank}")
@@ -197,14 +207,16 @@ def run_method(method: Method, pretrained: MLP, adapt, held_out, epochs, seed, w
 
 def markdown_table(rows: List[Row]) -> str:
     lines = [
-        "| method | rank | trainable params | accuracy | merged accuracy | train s | adapter bytes | lr |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| method | rank | trainable params | accuracy | merged accuracy | train s | epoch s (min-max) | "
+        "adapter bytes | lr |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         merged = "" if r.merged_accuracy is None else f"{r.merged_accuracy:.4f}"
         lines.append(
             f"| {r.method} | {'' if r.rank is None else r.rank} | {r.trainable_params:,} | {r.accuracy:.4f} | "
-            f"{merged} | {r.train_seconds:.2f} | {r.adapter_bytes:,} | {r.lr:g} |"
+            f"{merged} | {r.train_seconds:.2f} | {r.epoch_seconds_min:.3f}-{r.epoch_seconds_max:.3f} | "
+            f"{r.adapter_bytes:,} | {r.lr:g} |"
         )
     return "\n".join(lines)
 
@@ -264,7 +276,8 @@ def run_demo(out: Path, epochs: int = 30, pretrain_epochs: int = 40, seed: int =
     (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
     (out / "results.md").write_text(
         f"Digits MLP (64-{HIDDEN}-{HIDDEN}-{HIDDEN}-10) pretrained on upright digits, adapted to digits rotated "
-        f"by 90 degrees; {epochs} epochs, seed {seed}, device {device}.\n\n{table}\n"
+        f"by 90 degrees; {epochs} epochs, seed {seed}, device {device}. train s: epochs x the median epoch's "
+        f"time; epoch s: the fastest and the slowest epoch.\n\n{table}\n"
     )
     plot(rows, out / "accuracy_vs_params.png")
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'accuracy_vs_params.png'}")

@@ -31,6 +31,8 @@ def test_short_demo_writes_results_and_merging_keeps_accuracy(tmp_path):
     for r in rows:
         assert ROW_KEYS <= set(r)
         assert 0.0 <= r["accuracy"] <= 1.0 and r["adapter_bytes"] > 0
+        # epochs x the median epoch, within the fastest and the slowest epoch
+        assert 0 < r["epoch_seconds_min"] <= r["train_seconds"] / 3 <= r["epoch_seconds_max"]
         if r["merged_accuracy"] is not None:
             assert r["merged_accuracy"] == pytest.approx(r["accuracy"], abs=2e-3)  # one sample at most
     params = {(r["method"], r["rank"]): r["trainable_params"] for r in rows}
@@ -39,6 +41,7 @@ def test_short_demo_writes_results_and_merging_keeps_accuracy(tmp_path):
     assert params[("LoLDU", 16)] == head + 3 * (16 + 1)
     assert params[("LoLDU", "full")] == head + (64 + 1) + 2 * (256 + 1)
     assert (tmp_path / "results.md").read_text().count("| LoLDU |") == 3
+    assert "| train s | epoch s (min-max) |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "accuracy_vs_params.png").read_bytes()[:4] == b"\x89PNG"
 
 
