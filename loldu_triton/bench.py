@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import math
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,6 +28,8 @@ GPU_PEAKS = {
 GPU_SHAPES = [(m, 4096, n) for m in (1, 512, 8192) for n in (4096, 11008)]
 METHODS = ("linear", "loldu", "loldu_torch", "loldu_int8", "loldu_fp8", "loldu_unfused", "seed_param", "peft_lora",
            "peft_vera")
+# K x N of the layer that `--adapter-counts` times
+ADAPTER_BATCH_SHAPE = {"cpu": (1024, 1024), "cuda": (4096, 4096)}
 
 
 class UnfusedLoLDU(nn.Module):
@@ -146,12 +149,21 @@ class Result:
     N: int
     rank: int
     method: str
-    forward_ms: float
+    forward_ms: float  # medians over rounds of the per-call times, each phase timed on its own
     backward_ms: float
     fwd_bwd_ms: float
-    forward_ratio: float = float("nan")
+    forward_ratio: float = float("nan")  # medians over rounds of (method / floor) in the same round
     backward_ratio: float = float("nan")
     fwd_bwd_ratio: float = float("nan")
+    forward_ratio_min: float = float("nan")  # the range of the per-round ratios
+    forward_ratio_max: float = float("nan")
+    backward_ratio_min: float = float("nan")
+    backward_ratio_max: float = float("nan")
+    fwd_bwd_ratio_min: float = float("nan")
+    fwd_bwd_ratio_max: float = float("nan")
+    noisy: str = ""  # the ratios whose range holds another method's median (see unranked): not ranked by this run
+    rounds: int = 0
+    calls: int = 0  # the fewest calls a timed sample of this method made
     saved_mb: float = 0.0
     peak_mb: float = float("nan")
     weights_mb: float = 0.0  # what the layer stores: base weight (quantized or not), bias, factors
@@ -160,76 +172,182 @@ class Result:
     ideal_loldu_ms: float = float("nan")
 
 
-def _timer(device: torch.device):
-    """Milliseconds of one measurement: do_bench's median on CUDA, one timed call on CPU."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-    def cpu_time(fn):
-        start = time.perf_counter()
-        fn()
-        return 1e3 * (time.perf_counter() - start)
-
-    return cpu_time
+# Each timed sample lasts at least this long in each of its phases: far above the clock's resolution (1 ns for
+# perf_counter, ~0.5 us for CUDA events) and several scheduler ticks of a shared machine, so a small layer's
+# sample is many calls. Tests lower it to run in seconds.
+SAMPLE_MS = {"cpu": 25.0, "cuda": 50.0}
+MAX_CALLS = 100_000
 
 
-def bench_case(M, K, N, rank, dtype, device, wanted, repeats) -> List[Result]:
+class Clock:
+    """Marks on the device's timeline: perf_counter on the CPU, CUDA events on a GPU (read after one
+    synchronize, as do_bench does). A duration is a later mark less an earlier one, so it is never negative."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else 1e3 * (end - start)
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+
+def time_calls(phases, calls: int, clock: Clock, reset: Optional[Callable[[], None]] = None) -> List[float]:
+    """Milliseconds per call of each phase, summed over `calls` calls of the phases in order (a phase gets what
+    the one before returned; the first gets nothing); `reset` runs after each call, outside the timed spans.
+    So backward is timed on its own, its forward just before it but outside its span."""
+    if len(phases) == 1 and reset is None:  # one span around the loop: no mark inside it
+        start = clock.mark()
+        for _ in range(calls):
+            phases[0]()
+        end = clock.mark()
+        clock.sync()
+        totals = [clock.ms(start, end)]
+    else:
+        marks = []
+        for _ in range(calls):
+            row = [clock.mark()]
+            out = phases[0]()
+            row.append(clock.mark())
+            for phase in phases[1:]:
+                out = phase(out)
+                row.append(clock.mark())
+            marks.append(row)
+            if reset is not None:
+                reset()
+        clock.sync()
+        totals = [sum(clock.ms(row[k], row[k + 1]) for row in marks) for k in range(len(phases))]
+    per_call = [t / calls for t in totals]
+    if not all(t > 0 for t in per_call):  # spans between marks of a monotonic clock: a broken clock otherwise
+        raise RuntimeError(f"a measured time is not positive: {per_call} ms")
+    return per_call
+
+
+def calibrate(phases, clock: Clock, reset=None, target_ms: Optional[float] = None) -> int:
+    """Calls per chunk of a sample, after two warm-up calls (compiles, autotuning, caches). On the CPU one: the
+    sample reads the clock after every call. CUDA events are read after a synchronize, so there a chunk is as
+    many calls as make each phase last target_ms (the faster of two tries: one stall does not shorten it)."""
+    time_calls(phases, 2, clock, reset)
+    if not clock.cuda:
+        return 1
+    target = SAMPLE_MS[clock.device.type] if target_ms is None else target_ms
+    calls = 1
+    while True:
+        shortest = calls * min(min(time_calls(phases, calls, clock, reset)) for _ in range(2))
+        if shortest >= target or calls >= MAX_CALLS:
+            return calls
+        calls = min(MAX_CALLS, max(2 * calls, math.ceil(1.2 * calls * target / shortest)))
+
+
+def sample(phases, calls: int, clock: Clock, reset=None, target_ms: Optional[float] = None):
+    """One timed sample: chunks of `calls` calls (see calibrate) until each phase has lasted target_ms in all,
+    whether the machine runs slower or faster than at calibration. Returns (ms per call of each phase, calls)."""
+    target = SAMPLE_MS[clock.device.type] if target_ms is None else target_ms
+    totals, count = [0.0] * len(phases), 0
+    while True:
+        per_call = time_calls(phases, calls, clock, reset)
+        totals = [t + calls * p for t, p in zip(totals, per_call)]
+        count += calls
+        if min(totals) >= target or count >= MAX_CALLS:
+            return [t / count for t in totals], count
+
+
+def spread(values: List[float]) -> Tuple[float, float, float]:
+    """Median, min and max of per-round values."""
+    return statistics.median(values), min(values), max(values)
+
+
+def unranked(ratios: Dict[str, List[float]]) -> Dict[str, bool]:
+    """Per method: whether the range (min to max) of its per-round ratios holds another method's median ratio
+    (the floor's is 1), so that this run cannot tell which of the two is faster."""
+    medians = {name: statistics.median(v) for name, v in ratios.items()}
+    return {name: any(min(v) <= medians[other] <= max(v) for other in ratios if other != name)
+            for name, v in ratios.items()}
+
+
+def ratio_cell(median: float, low: float, high: float) -> str:
+    """A ratio and its range over rounds, as every table prints it: 1.130 (1.051-1.302)."""
+    return f"{median:.3f} ({low:.3f}-{high:.3f})"
+
+
+def _noisy_column(r: "Result") -> str:
+    return "1 round" if r.rounds < 2 else (r.noisy or "-")
+
+
+def bench_case(M, K, N, rank, dtype, device, wanted, rounds) -> List[Result]:
     modules = build_methods(K, N, rank, dtype, device, wanted)
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn(M, N, device=device, dtype=dtype)
-    timer = _timer(device)
+    clock = Clock(device)
 
-    def fwd(m):
-        return lambda: m(x)
+    def phases(m):  # forward, then backward of that forward: each timed on its own
+        return (lambda: m(x), lambda y: y.backward(dy))
 
-    def fwd_bwd(m):
+    def reset(m):  # as after zero_grad(set_to_none=True): every backward writes fresh gradients
         def run():
-            m(x).backward(dy)
             x.grad = None
+            for p in m.parameters():
+                p.grad = None
         return run
 
-    samples = {name: {"f": [], "fb": []} for name in modules}
-    for m in modules.values():  # warm up
-        fwd_bwd(m)()
-    rounds = repeats if device.type == "cpu" else 3
-    for _ in range(rounds):  # interleaved: every method sees the same machine state
-        for name, m in modules.items():
-            samples[name]["f"].append(timer(fwd(m)))
-            samples[name]["fb"].append(timer(fwd_bwd(m)))
+    calls = {name: calibrate(phases(m), clock, reset(m)) for name, m in modules.items()}
+    samples: Dict[str, List[List[float]]] = {name: [] for name in modules}  # per round: [forward, backward] ms
+    counts: Dict[str, List[int]] = {name: [] for name in modules}
+    names = list(modules)
+    for i in range(rounds):  # interleaved, each round in another order: every method sees the same machine
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            per_call, count = sample(phases(modules[name]), calls[name], clock, reset(modules[name]))
+            samples[name].append(per_call)
+            counts[name].append(count)
     results = []
     for name, m in modules.items():
-        f = statistics.median(samples[name]["f"])
-        fb = statistics.median(samples[name]["fb"])
+        f, b = ([s[k] for s in samples[name]] for k in (0, 1))
         peak = float("nan")
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             start_mem = torch.cuda.memory_allocated()
-            fwd_bwd(m)()
+            m(x).backward(dy)
+            reset(m)()
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - start_mem) / 2**20
-        # backward alone = (forward+backward) - forward, both medians of the same interleaved rounds
         stored = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
-        results.append(Result(device.type, str(dtype).replace("torch.", ""), M, K, N, rank, name, f, fb - f, fb,
-                              saved_mb=saved_bytes(m, x) / 2**20, peak_mb=peak, weights_mb=stored / 2**20))
+        results.append(Result(device.type, str(dtype).replace("torch.", ""), M, K, N, rank, name,
+                              statistics.median(f), statistics.median(b),
+                              statistics.median(a + c for a, c in zip(f, b)),
+                              saved_mb=saved_bytes(m, x) / 2**20, peak_mb=peak, weights_mb=stored / 2**20,
+                              rounds=rounds, calls=min(counts[name])))
     if "linear" in samples:
-        # Each ratio is the median over rounds of (method / floor) within the same round: paired, so the drift
-        # of a shared machine between rounds cancels.
+        # Each ratio is paired: method / floor within the same round, so the drift of a shared machine between
+        # rounds cancels; the row keeps the median and the range over rounds.
         floor = samples["linear"]
+        ratios = {kind: {} for kind in ("fwd", "bwd", "fwd+bwd")}
+        for name, own in samples.items():
+            ratios["fwd"][name] = [a[0] / b[0] for a, b in zip(own, floor)]
+            ratios["bwd"][name] = [a[1] / b[1] for a, b in zip(own, floor)]
+            ratios["fwd+bwd"][name] = [sum(a) / sum(b) for a, b in zip(own, floor)]
+        flags = {kind: unranked(by_name) for kind, by_name in ratios.items()}
         for r in results:
-            own = samples[r.method]
-            f = [a / b for a, b in zip(own["f"], floor["f"])]
-            fb = [a / b for a, b in zip(own["fb"], floor["fb"])]
-            b = [(a2 - a1) / (b2 - b1) for a1, a2, b1, b2 in zip(own["f"], own["fb"], floor["f"], floor["fb"])]
-            r.forward_ratio, r.fwd_bwd_ratio, r.backward_ratio = (statistics.median(v) for v in (f, fb, b))
+            (r.forward_ratio, r.forward_ratio_min, r.forward_ratio_max) = spread(ratios["fwd"][r.method])
+            (r.backward_ratio, r.backward_ratio_min, r.backward_ratio_max) = spread(ratios["bwd"][r.method])
+            (r.fwd_bwd_ratio, r.fwd_bwd_ratio_min, r.fwd_bwd_ratio_max) = spread(ratios["fwd+bwd"][r.method])
+            r.noisy = ",".join(kind for kind in ratios if flags[kind][r.method])
     return results
 
 
-def bench_adapter_batch(batch: int, tokens: int, K: int, N: int, rank: int, counts, dtype, device, repeats: int):
+def bench_adapter_batch(batch: int, tokens: int, K: int, N: int, rank: int, counts, dtype, device, rounds: int):
     """Forward time of one batch whose rows use `count` different adapters, against the same batch with one
-    adapter, measured in interleaved rounds (median of per-round ratios). Returns markdown rows."""
+    adapter, measured in interleaved rounds (median and range of per-round ratios). Returns markdown rows."""
     from .api import adapter_batch
 
     torch.manual_seed(0)
@@ -237,23 +355,27 @@ def bench_adapter_batch(batch: int, tokens: int, K: int, N: int, rank: int, coun
     for i in range(max(counts)):
         layer.set_named_adapter(f"a{i}", torch.randn(rank, device=device))
     x = torch.randn(batch, tokens, K, device=device, dtype=dtype)
-    timer = _timer(device)
-    lines = ["| adapters in the batch | batch x tokens | K x N | r | forward ms | ratio to one adapter |",
-             "|---:|---|---|---:|---:|---:|"]
+    clock = Clock(device)
+    forward = (lambda: layer(x),)
+    lines = ["| adapters in the batch | batch x tokens | K x N | r | forward ms | ratio to one adapter (range) | "
+             "noisy |", "|---:|---|---|---:|---:|---:|---|"]
     one = ["a0"] * batch
     for count in counts:
-        names = [f"a{i % count}" for i in range(batch)]
-        ratios, times = [], []
+        names = {"one": one, "many": [f"a{i % count}" for i in range(batch)]}
+        times: Dict[str, List[float]] = {"one": [], "many": []}
         with torch.no_grad():
-            for _ in range(repeats):
-                with adapter_batch(layer_holder(layer), one):
-                    base = timer(lambda: layer(x))
-                with adapter_batch(layer_holder(layer), names):
-                    t = timer(lambda: layer(x))
-                ratios.append(t / base)
-                times.append(t)
-        lines.append(f"| {count} | {batch} x {tokens} | {K} x {N} | {rank} | {statistics.median(times):.3f} | "
-                     f"{statistics.median(ratios):.3f} |")
+            calls = {}
+            for key, rows in names.items():
+                with adapter_batch(layer_holder(layer), rows):
+                    calls[key] = calibrate(forward, clock)
+            for _ in range(rounds):
+                for key, rows in names.items():
+                    with adapter_batch(layer_holder(layer), rows):
+                        times[key] += sample(forward, calls[key], clock)[0]
+        ratios = {"one": [1.0] * rounds, "many": [a / b for a, b in zip(times["many"], times["one"])]}
+        noisy = "1 round" if rounds < 2 else ("yes" if unranked(ratios)["many"] else "-")
+        lines.append(f"| {count} | {batch} x {tokens} | {K} x {N} | {rank} | {statistics.median(times['many']):.3f} | "
+                     f"{ratio_cell(*spread(ratios['many']))} | {noisy} |")
     return lines
 
 
@@ -287,8 +409,6 @@ def ideal_ms(M: int, K: int, N: int, r: int, dtype: str, gpu: str):
 def gpu_name(device: torch.device, requested: Optional[str] = None) -> Optional[str]:
     """The GPU_PEAKS entry for the roofline columns: the one asked for, else the CUDA device's, if listed."""
     if requested:
-        if requested not in GPU_PEAKS:
-            raise SystemExit(f"bench: --gpu must be one of {sorted(GPU_PEAKS)}, got {requested!r}")
         return requested
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -296,9 +416,9 @@ def gpu_name(device: torch.device, requested: Optional[str] = None) -> Optional[
     return None
 
 
-MARKDOWN_HEADER = ["| device | dtype | M | K | N | r | method | fwd ms | bwd ms | fwd+bwd ms | fwd x | bwd x | "
-                   "fwd+bwd x | saved MB | peak MB | weights MB | ideal floor ms | ideal LoLDU ms | ideal x |",
-                   "|" + "---|" * 19]
+MARKDOWN_HEADER = ["| device | dtype | M | K | N | r | method | fwd ms | bwd ms | fwd+bwd ms | fwd x (range) | "
+                   "bwd x (range) | fwd+bwd x (range) | noisy | rounds x calls | saved MB | peak MB | weights MB | "
+                   "ideal floor ms | ideal LoLDU ms | ideal x |", "|" + "---|" * 21]
 
 
 def _ms(value):
@@ -310,8 +430,11 @@ def markdown(results: List[Result], header: bool = True) -> str:
     lines = list(MARKDOWN_HEADER) if header else []
     for r in results:
         lines.append(f"| {r.device} | {r.dtype} | {r.M} | {r.K} | {r.N} | {r.rank} | {r.method} | "
-                     f"{r.forward_ms:.3f} | {r.backward_ms:.3f} | {r.fwd_bwd_ms:.3f} | {r.forward_ratio:.3f} | "
-                     f"{r.backward_ratio:.3f} | {r.fwd_bwd_ratio:.3f} | {r.saved_mb:.2f} | {r.peak_mb:.1f} | "
+                     f"{r.forward_ms:.3f} | {r.backward_ms:.3f} | {r.fwd_bwd_ms:.3f} | "
+                     f"{ratio_cell(r.forward_ratio, r.forward_ratio_min, r.forward_ratio_max)} | "
+                     f"{ratio_cell(r.backward_ratio, r.backward_ratio_min, r.backward_ratio_max)} | "
+                     f"{ratio_cell(r.fwd_bwd_ratio, r.fwd_bwd_ratio_min, r.fwd_bwd_ratio_max)} | "
+                     f"{_noisy_column(r)} | {r.rounds} x {r.calls} | {r.saved_mb:.2f} | {r.peak_mb:.1f} | "
                      f"{r.weights_mb:.2f} | {_ms(r.ideal_floor_ms)} | {_ms(r.ideal_loldu_ms)} | "
                      f"{_ms(r.ideal_loldu_ms / r.ideal_floor_ms)} |")
     return "\n".join(lines)
@@ -330,9 +453,13 @@ def plot(results: List[Result], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(min(max(6.4, 0.9 * len(cases) + 2.5), 24), 4.8))
     width = 0.8 / len(methods)
     for j, method in enumerate(methods):
-        ratios = [next((r.fwd_bwd_ratio for r in results if (r.M, r.K, r.N, r.rank) == c and r.method == method),
-                       float("nan")) for c in cases]
-        ax.bar([i + j * width for i in range(len(cases))], ratios, width, label=method)
+        rows = [next((r for r in results if (r.M, r.K, r.N, r.rank) == c and r.method == method), None)
+                for c in cases]
+        ratios = [r.fwd_bwd_ratio if r else float("nan") for r in rows]
+        # error bars: the range of the per-round ratios
+        low = [r.fwd_bwd_ratio - r.fwd_bwd_ratio_min if r else 0.0 for r in rows]
+        high = [r.fwd_bwd_ratio_max - r.fwd_bwd_ratio if r else 0.0 for r in rows]
+        ax.bar([i + j * width for i in range(len(cases))], ratios, width, yerr=[low, high], capsize=2, label=method)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
     ax.set_xticklabels([f"M={m}\n{k}x{n}\nr={r}" for m, k, n, r in cases], fontsize=8)
@@ -381,55 +508,46 @@ def _progress(**kwargs):
     return tqdm(disable=None, leave=False, file=sys.stderr, **kwargs)
 
 
-def _parse_shapes(text):
-    return [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
-
-
 def run_bench(args) -> List[Result]:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    if getattr(args, "adapter_counts", None):
-        counts = [int(c) for c in args.adapter_counts.split(",")]
-        batch = max(counts)
-        K, N = (4096, 4096) if device.type == "cuda" else (1024, 1024)
-        rank = int((args.ranks or "16").split(",")[0])
-        lines = bench_adapter_batch(batch, 8, K, N, rank, counts, dtype, device, args.repeats or 9)
+    """The layer table, or with args.adapter_counts the many-adapters batch; args as cli.parse_args leaves them
+    (checked, defaults filled in)."""
+    device, dtype = args.device, getattr(torch, args.dtype)
+    out = Path(args.out)
+    if args.adapter_counts:
+        counts = args.adapter_counts
+        K, N = ADAPTER_BATCH_SHAPE[device.type]
+        lines = bench_adapter_batch(max(counts), 8, K, N, args.ranks[0], counts, dtype, device, args.repeats)
         table = "\n".join(lines)
-        print(f"{device.type}, {str(dtype).replace('torch.', '')}, forward (no grad), 8 tokens per batch row")
+        print(f"{device.type}, {args.dtype}, forward (no grad), 8 tokens per batch row, {args.repeats} rounds")
         print(table)
-        out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "adapter_batch.md").write_text(table + "\n")
         return []
-    shapes = _parse_shapes(args.shapes) if args.shapes else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
-    ranks = (args.ranks or ("16,64,256,1024,full" if device.type == "cuda" else "16")).split(",")
-    wanted = args.methods.split(",") if args.methods else list(METHODS)
-    unknown = set(wanted) - set(METHODS)
-    if unknown:
-        raise SystemExit(f"bench: unknown methods {sorted(unknown)}; choose from {METHODS}")
-    gpu = gpu_name(device, getattr(args, "gpu", None))
+    wanted = args.methods or list(METHODS)
+    gpu = gpu_name(device, args.gpu)
     if gpu:
-        print(f"roofline columns: {gpu} ({GPU_PEAKS[gpu][str(dtype).replace('torch.', '')] / 1e12:.0f} TFLOP/s "
-              f"{str(dtype).replace('torch.', '')}, {GPU_PEAKS[gpu]['bytes'] / 1e12:.2f} TB/s)")
+        print(f"roofline columns: {gpu} ({GPU_PEAKS[gpu][args.dtype] / 1e12:.0f} TFLOP/s "
+              f"{args.dtype}, {GPU_PEAKS[gpu]['bytes'] / 1e12:.2f} TB/s)")
     missing = [m for m in ("peft_lora", "peft_vera") if m in wanted and importlib.util.find_spec("peft") is None]
     if missing:
         print(f"note: peft is not installed; skipping the {', '.join(missing)} rows")
-    out = Path(args.out)
+    print(f"{args.repeats} interleaved rounds; each sample times enough calls that its forward and its backward "
+          f"each last {SAMPLE_MS[device.type]:g} ms or more")
     out.mkdir(parents=True, exist_ok=True)
     results = []
     # Every case's rows go to the files as soon as they are measured: a run cut short keeps what it measured.
     with open(out / "bench.csv", "w", newline="") as csv_file, open(out / "bench.md", "w") as md_file:
-        writer = csv.DictWriter(csv_file, fieldnames=list(asdict(Result("", "", 0, 0, 0, 0, "", 0, 0, 0))))
+        writer = csv.DictWriter(csv_file, fieldnames=[f.name for f in fields(Result)])
         writer.writeheader()
         md_file.write("\n".join(MARKDOWN_HEADER) + "\n")
         print("\n".join(MARKDOWN_HEADER), flush=True)  # the header once; each row once, as soon as it is measured
-        cases = [(M, K, N, rank_text) for M, K, N in shapes for rank_text in ranks]
+        cases = [(M, K, N, rank) for M, K, N in args.shapes for rank in args.ranks]
         with _progress(total=len(cases), desc="bench cases") as bar:
-            for M, K, N, rank_text in cases:
-                rank = min(K, N) if rank_text == "full" else int(rank_text)
-                case = bench_case(M, K, N, rank, dtype, device, wanted, args.repeats or 15)
+            for M, K, N, rank in cases:
+                rank = min(K, N) if rank == "full" else rank
+                case = bench_case(M, K, N, rank, dtype, device, wanted, args.repeats)
                 if gpu:
-                    floor, ideal = ideal_ms(M, K, N, rank, str(dtype).replace("torch.", ""), gpu)
+                    floor, ideal = ideal_ms(M, K, N, rank, args.dtype, gpu)
                     for r in case:
                         r.ideal_floor_ms, r.ideal_loldu_ms = floor, ideal
                 results += case

@@ -1,49 +1,46 @@
 """Per-call cost without autograd (decode: M = 1 row a call): LoLDULinear unmerged against the frozen nn.Linear,
 in interleaved rounds, each ratio the median of per-round ratios. A call of a small layer takes microseconds,
-so each sample times a loop of calls."""
+so each sample times as many calls as last bench.SAMPLE_MS (calibrated per layer)."""
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
 
+from .bench import Clock, calibrate, sample, spread, unranked
 from .layer import LoLDULinear
 
-HEADER = ["| M | K x N | r | dtype | nn.Linear us/call | LoLDULinear us/call | ratio | range over rounds |",
-          "|---:|---|---:|---|---:|---:|---:|---|"]
+HEADER = ["| M | K x N | r | dtype | nn.Linear us/call | LoLDULinear us/call | ratio | range over rounds | noisy | "
+          "rounds x calls (nn.Linear, LoLDULinear) |", "|---:|---|---:|---|---:|---:|---:|---|---|---|"]
 
 
-def _per_call_us(fn, calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return 1e6 * (time.perf_counter() - start) / calls
-
-
-def bench_calls(M: int, K: int, N: int, rank: int, dtype, repeats: int, calls: int = 2000) -> str:
+def bench_calls(M: int, K: int, N: int, rank: int, dtype, rounds: int) -> str:
     torch.manual_seed(0)
     base = nn.Linear(K, N, dtype=dtype)
     layer = LoLDULinear.from_linear(copy_of(base), rank)
     with torch.no_grad():  # a trained state, so no path can shortcut e == 0
         layer.d.mul_(1.01)
     x = torch.randn(M, K, dtype=dtype)
-    lin_t, loldu_t, ratios = [], [], []
+    clock = Clock(torch.device("cpu"))
+    calls_of = {"linear": (lambda: base(x),), "loldu": (lambda: layer(x),)}
+    times: Dict[str, List[float]] = {name: [] for name in calls_of}
+    counts: Dict[str, List[int]] = {name: [] for name in calls_of}
     with torch.no_grad():
-        for fn in (lambda: base(x), lambda: layer(x)):  # warm up
-            _per_call_us(fn, calls // 4)
-        for _ in range(repeats):
-            a = _per_call_us(lambda: base(x), calls)
-            b = _per_call_us(lambda: layer(x), calls)
-            lin_t.append(a)
-            loldu_t.append(b)
-            ratios.append(b / a)
-    return (f"| {M} | {K} x {N} | {rank} | {str(dtype).replace('torch.', '')} | {statistics.median(lin_t):.2f} | "
-            f"{statistics.median(loldu_t):.2f} | {statistics.median(ratios):.3f} | "
-            f"{min(ratios):.3f}-{max(ratios):.3f} |")
+        calls = {name: calibrate(phases, clock) for name, phases in calls_of.items()}
+        for _ in range(rounds):
+            for name, phases in calls_of.items():
+                per_call, count = sample(phases, calls[name], clock)
+                times[name] += per_call
+                counts[name].append(count)
+    ratios = {"linear": [1.0] * rounds, "loldu": [b / a for a, b in zip(times["linear"], times["loldu"])]}
+    ratio, low, high = spread(ratios["loldu"])
+    noisy = "1 round" if rounds < 2 else ("yes" if unranked(ratios)["loldu"] else "-")
+    return (f"| {M} | {K} x {N} | {rank} | {str(dtype).replace('torch.', '')} | "
+            f"{1e3 * statistics.median(times['linear']):.2f} | {1e3 * statistics.median(times['loldu']):.2f} | "
+            f"{ratio:.3f} | {low:.3f}-{high:.3f} | {noisy} | {rounds} x {min(counts['linear'])}, {min(counts['loldu'])} |")
 
 
 def copy_of(linear: nn.Linear) -> nn.Linear:
@@ -53,15 +50,14 @@ def copy_of(linear: nn.Linear) -> nn.Linear:
 
 
 def run_inference_bench(args) -> List[str]:
-    dtype = getattr(torch, args.dtype or "float32")
-    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in (args.shapes or "1x64x64").split(",")]
+    """args as cli.parse_args leaves them (checked, defaults filled in)."""
+    dtype = getattr(torch, args.dtype)
     lines = []
-    print("forward without autograd (torch.no_grad), CPU, per call")
+    print(f"forward without autograd (torch.no_grad), CPU, per call; {args.repeats} interleaved rounds")
     print("\n".join(HEADER), flush=True)
-    for M, K, N in shapes:
-        for rank_text in (args.ranks or "16,full").split(","):
-            rank = min(K, N) if rank_text == "full" else int(rank_text)
-            lines.append(bench_calls(M, K, N, rank, dtype, args.repeats or 21))
+    for M, K, N in args.shapes:
+        for rank in args.ranks:
+            lines.append(bench_calls(M, K, N, min(K, N) if rank == "full" else rank, dtype, args.repeats))
             print(lines[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,6 @@ import copy
 import csv
 import multiprocessing
 import statistics
-import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,8 @@ from typing import Callable, Dict, List
 
 import torch
 import torch.nn as nn
+
+from .bench import Clock, calibrate, sample, spread, unranked
 
 METHODS = ("base", "loldu", "peft_lora", "peft_vera")
 
@@ -46,6 +47,8 @@ def _config(name: str):
 
 # name: default batch x sequence length
 MODELS = {"minilm": (16, 128), "llama": (8, 128)}
+# name: the smallest min(in, out) of an adapted layer, the largest rank every layer can hold
+MAX_RANK = {"minilm": 384, "llama": 512}
 
 
 def build_base(name: str, seed: int = 0) -> nn.Module:
@@ -123,6 +126,9 @@ class ModelResult:
     ratio_max: float
     trainable: int
     peak_mb: float = float("nan")
+    noisy: str = ""  # "yes" where the ratio's range holds another method's median: not ranked by this run
+    rounds: int = 0
+    calls: int = 0  # the fewest steps a timed sample of this method made
 
 
 def _peak_memory(name, method, rank, batch, seq, device, dtype) -> float:
@@ -175,42 +181,45 @@ def bench_model(name: str, ranks, batch: int, seq: int, device, dtype, repeats: 
                 memory: bool = True, log=print) -> List[ModelResult]:
     base = build_base(name).to(device, dtype)
     embeds = _inputs(base, batch, seq, device)
+    clock = Clock(device)
     results = []
     for rank in ranks:
         models = {m: adapt(base, m, rank) for m in methods}
-        steps = {m: make_step(models[m], embeds, m == "base") for m in methods}
+        steps = {m: (make_step(models[m], embeds, m == "base"),) for m in methods}
+        calls = {m: calibrate(step, clock) for m, step in steps.items()}  # warms up too
         times: Dict[str, List[float]] = {m: [] for m in methods}
-        for step in steps.values():  # warm up
-            step()
+        counts: Dict[str, List[int]] = {m: [] for m in methods}
         for _ in range(repeats):  # interleaved rounds: every method sees the same machine state
             for m, step in steps.items():
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[m].append(1e3 * (time.perf_counter() - start))
+                per_call, count = sample(step, calls[m], clock)
+                times[m] += per_call
+                counts[m].append(count)
+        # paired: method / frozen base within the same round
+        ratios = {m: [a / b for a, b in zip(times[m], times["base"])] for m in methods} if "base" in times else {}
+        flags = unranked(ratios) if ratios else {}
         for m in methods:
-            ratios = [a / b for a, b in zip(times[m], times["base"])] if "base" in times else [float("nan")]
+            ratio, low, high = spread(ratios[m]) if ratios else (float("nan"),) * 3
             peak = peak_memory(name, m, rank, batch, seq, device, dtype) if memory else float("nan")
             results.append(ModelResult(name, device.type, str(dtype).replace("torch.", ""), batch, seq, rank, m,
-                                       statistics.median(times[m]), statistics.median(ratios), min(ratios),
-                                       max(ratios), trainable_values(models[m]), peak))
+                                       statistics.median(times[m]), ratio, low, high, trainable_values(models[m]),
+                                       peak, noisy="1 round" if repeats < 2 else ("yes" if flags.get(m) else "-"),
+                                       rounds=repeats, calls=min(counts[m])))
             log(markdown(results[-1:], header=False))
         del models, steps
     return results
 
 
-HEADER = ["| model | device | dtype | batch x seq | r | method | step ms | x frozen base | range over rounds | "
-          "trainable values | peak MB over the model |", "|---|---|---|---|---:|---|---:|---:|---|---:|---:|"]
+HEADER = ["| model | device | dtype | batch x seq | r | method | step ms | x frozen base | range over rounds | noisy | "
+          "rounds x calls | trainable values | peak MB over the model |",
+          "|---|---|---|---|---:|---|---:|---:|---|---|---|---:|---:|"]
 
 
 def markdown(results: List[ModelResult], header: bool = True) -> str:
     lines = list(HEADER) if header else []
     for r in results:
         lines.append(f"| {r.model} | {r.device} | {r.dtype} | {r.batch} x {r.seq} | {r.rank} | {r.method} | "
-                     f"{r.step_ms:.1f} | {r.ratio:.3f} | {r.ratio_min:.3f}-{r.ratio_max:.3f} | {r.trainable:,} | "
+                     f"{r.step_ms:.1f} | {r.ratio:.3f} | {r.ratio_min:.3f}-{r.ratio_max:.3f} | {r.noisy} | "
+                     f"{r.rounds} x {r.calls} | {r.trainable:,} | "
                      f"{r.peak_mb:.1f} |")
     return "\n".join(lines)
 
@@ -244,19 +253,10 @@ def plot(results: List[ModelResult], path: Path) -> None:
 
 
 def run_model_bench(args) -> List[ModelResult]:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    name = args.model
-    if name not in MODELS:
-        raise SystemExit(f"bench: --model must be one of {sorted(MODELS)}, got {name!r}")
-    batch, seq = MODELS[name]
-    if getattr(args, "batch", None):
-        batch, seq = (int(v) for v in args.batch.lower().split("x"))
-    ranks = [int(r) for r in (args.ranks or "16,64,256").split(",")]
-    wanted = args.methods.split(",") if args.methods else list(METHODS)
-    unknown = set(wanted) - set(METHODS)
-    if unknown:
-        raise SystemExit(f"bench --model: unknown methods {sorted(unknown)}; choose from {METHODS}")
+    """args as cli.parse_args leaves them (checked, defaults filled in)."""
+    device, dtype, name = args.device, getattr(torch, args.dtype), args.model
+    batch, seq = args.batch
+    wanted = list(args.methods or METHODS)
     if "base" not in wanted:
         wanted.insert(0, "base")  # the floor every ratio needs
     try:
@@ -264,11 +264,10 @@ def run_model_bench(args) -> List[ModelResult]:
     except ImportError:
         print("note: peft is not installed; skipping the peft_lora, peft_vera rows")
         wanted = [m for m in wanted if not m.startswith("peft_")]
-    print(f"{name}: {batch} x {seq} tokens, {device.type} {str(dtype).replace('torch.', '')}, "
-          f"{args.repeats or 5} interleaved rounds")
+    print(f"{name}: {batch} x {seq} tokens, {device.type} {args.dtype}, {args.repeats} interleaved rounds")
     print("\n".join(HEADER), flush=True)
-    results = bench_model(name, ranks, batch, seq, device, dtype, args.repeats or 5, tuple(wanted),
-                          memory=not getattr(args, "no_memory", False), log=lambda line: print(line, flush=True))
+    results = bench_model(name, args.ranks, batch, seq, device, dtype, args.repeats, tuple(wanted),
+                          memory=not args.no_memory, log=lambda line: print(line, flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "model_bench.csv", "w", newline="") as f:

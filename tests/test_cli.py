@@ -9,11 +9,17 @@ from loldu_triton.cli import build_parser, main
 ROW_KEYS = {"method", "rank", "trainable_params", "accuracy", "train_seconds", "adapter_bytes"}
 
 
-def test_help_explains_every_demo_option():
-    demo = build_parser()._subparsers._group_actions[0].choices["demo"]
-    for action in demo._actions:
-        if action.dest != "help":
-            assert action.help and len(action.help) > 10, action.dest
+def test_help_explains_every_option_and_shows_its_default():
+    for name, sub in build_parser()._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help and len(action.help) > 10, (name, action.dest)
+            if action.nargs != 0:  # flags are off unless given
+                assert "(default: " in action.help, (name, action.dest)
+    bench_help = subprocess.run([sys.executable, "-m", "loldu_triton.cli", "bench", "--help"], capture_output=True,
+                                text=True).stdout
+    assert "(default: ./loldu-bench)" in " ".join(bench_help.split())
 
 
 def test_console_script_help_runs():

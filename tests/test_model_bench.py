@@ -3,14 +3,15 @@ build, count and write. Their timings are the benchmark's business, not the test
 import csv
 import importlib.util
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
+from loldu_triton import bench  # noqa: E402
 from loldu_triton.bench_inference import run_inference_bench  # noqa: E402
+from loldu_triton.cli import parse_args  # noqa: E402
 from loldu_triton.model_bench import adapt, build_base, peak_memory, run_model_bench  # noqa: E402
 
 PEFT = importlib.util.find_spec("peft") is not None
@@ -19,15 +20,20 @@ LINEARS = {"minilm": 6 * [(384, 384)] * 4 + 6 * [(384, 1536), (1536, 384)],
            "llama": 4 * [(512, 512)] * 4 + 4 * [(512, 1376), (512, 1376), (1376, 512)]}
 
 
-def args(tmp_path, **kwargs):
-    base = dict(device="cpu", dtype=None, model=None, batch="2x8", ranks="4", methods=None, repeats=1,
-                no_memory=True, out=str(tmp_path), shapes=None)
-    return SimpleNamespace(**{**base, **kwargs})
+@pytest.fixture(autouse=True)
+def short_samples(monkeypatch):
+    """Samples of 1 ms: the tests check what the benchmarks measure and write, not how fast anything is."""
+    monkeypatch.setitem(bench.SAMPLE_MS, "cpu", 1.0)
+
+
+def args(tmp_path, *argv):
+    return parse_args(["bench", "--device", "cpu", "--out", str(tmp_path), *argv])
 
 
 @pytest.mark.parametrize("name", ["minilm", "llama"])
 def test_model_bench_adapts_every_linear_and_counts_trainable_values(tmp_path, name):
-    results = run_model_bench(args(tmp_path, model=name))
+    results = run_model_bench(args(tmp_path, "--model", name, "--batch", "2x8", "--ranks", "4", "--repeats", "2",
+                                   "--no-memory"))
     rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "model_bench.csv"))}
     assert list(rows) == ["base", "loldu"] + (["peft_lora", "peft_vera"] if PEFT else [])
     assert len(results) == len(rows)
@@ -38,6 +44,8 @@ def test_model_bench_adapts_every_linear_and_counts_trainable_values(tmp_path, n
         assert int(rows["peft_lora"]["trainable"]) == sum(r * (i + o) for i, o in LINEARS[name])
     for row in rows.values():
         assert float(row["step_ms"]) > 0 and math.isnan(float(row["peak_mb"]))
+        assert 0 < float(row["ratio_min"]) <= float(row["ratio"]) <= float(row["ratio_max"])
+        assert row["noisy"] in ("yes", "-") and int(row["rounds"]) == 2 and int(row["calls"]) >= 1
     assert "| loldu |" in (tmp_path / "model_bench.md").read_text()
     assert (tmp_path / "model_bench.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -59,8 +67,13 @@ def test_peak_memory_runs_in_a_process_of_its_own_and_is_positive():
 
 
 def test_inference_bench_writes_one_row_per_shape_and_rank(tmp_path):
-    lines = run_inference_bench(args(tmp_path, shapes="1x16x12,3x16x12", ranks="4,full", repeats=2))
+    lines = run_inference_bench(args(tmp_path, "--inference", "--shapes", "1x16x12,3x16x12", "--ranks", "4,full",
+                                     "--repeats", "2"))
     assert [line.split("|")[1:4] for line in lines] == [[" 1 ", " 16 x 12 ", " 4 "], [" 1 ", " 16 x 12 ", " 12 "],
                                                         [" 3 ", " 16 x 12 ", " 4 "], [" 3 ", " 16 x 12 ", " 12 "]]
-    assert all(float(line.split("|")[7]) > 0 for line in lines)
+    for line in lines:
+        cells = line.split("|")
+        low, high = map(float, cells[8].split("-"))
+        assert float(cells[5]) > 0 and float(cells[6]) > 0 and 0 < low <= float(cells[7]) <= high
+        assert cells[9].strip() in ("yes", "-")
     assert (tmp_path / "inference.md").read_text().count("\n") == 6
