@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
+import os
 import statistics
 import sys
 import time
@@ -275,6 +276,16 @@ def unranked(ratios: Dict[str, List[float]]) -> Dict[str, bool]:
             for name, v in ratios.items()}
 
 
+def machine(device: torch.device) -> str:
+    """What the times were measured on, for the line above each table: on a shared CPU the load average next to
+    the core count says why rows are noisy."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return (f"CPU: {torch.get_num_threads()} torch threads, {os.cpu_count()} cores{load}, "
+            f"torch {torch.__version__}")
+
+
 def ratio_cell(median: float, low: float, high: float) -> str:
     """A ratio and its range over rounds, as every table prints it: 1.130 (1.051-1.302)."""
     return f"{median:.3f} ({low:.3f}-{high:.3f})"
@@ -518,7 +529,8 @@ def run_bench(args) -> List[Result]:
         K, N = ADAPTER_BATCH_SHAPE[device.type]
         lines = bench_adapter_batch(max(counts), 8, K, N, args.ranks[0], counts, dtype, device, args.repeats)
         table = "\n".join(lines)
-        print(f"{device.type}, {args.dtype}, forward (no grad), 8 tokens per batch row, {args.repeats} rounds")
+        print(f"{machine(device)}; {args.dtype}, forward (no grad), 8 tokens per batch row, {args.repeats} "
+              f"interleaved rounds")
         print(table)
         out.mkdir(parents=True, exist_ok=True)
         (out / "adapter_batch.md").write_text(table + "\n")
@@ -531,8 +543,8 @@ def run_bench(args) -> List[Result]:
     missing = [m for m in ("peft_lora", "peft_vera") if m in wanted and importlib.util.find_spec("peft") is None]
     if missing:
         print(f"note: peft is not installed; skipping the {', '.join(missing)} rows")
-    print(f"{args.repeats} interleaved rounds; each sample times enough calls that its forward and its backward "
-          f"each last {SAMPLE_MS[device.type]:g} ms or more")
+    print(f"{machine(device)}; {args.repeats} interleaved rounds; each sample times enough calls that its forward "
+          f"and its backward each last {SAMPLE_MS[device.type]:g} ms or more")
     out.mkdir(parents=True, exist_ok=True)
     results = []
     # Every case's rows go to the files as soon as they are measured: a run cut short keeps what it measured.

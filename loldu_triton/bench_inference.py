@@ -10,7 +10,7 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
-from .bench import Clock, calibrate, sample, spread, unranked
+from .bench import Clock, calibrate, machine, sample, spread, unranked
 from .layer import LoLDULinear
 
 HEADER = ["| M | K x N | r | dtype | nn.Linear us/call | LoLDULinear us/call | ratio | range over rounds | noisy | "
@@ -53,7 +53,8 @@ def run_inference_bench(args) -> List[str]:
     """args as cli.parse_args leaves them (checked, defaults filled in)."""
     dtype = getattr(torch, args.dtype)
     lines = []
-    print(f"forward without autograd (torch.no_grad), CPU, per call; {args.repeats} interleaved rounds")
+    print(f"{machine(torch.device('cpu'))}; forward without autograd (torch.no_grad), per call; {args.repeats} "
+          f"interleaved rounds")
     print("\n".join(HEADER), flush=True)
     for M, K, N in args.shapes:
         for rank in args.ranks:

@@ -28,7 +28,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn as nn
 
-from .bench import Clock, calibrate, sample, spread, unranked
+from .bench import Clock, calibrate, machine, sample, spread, unranked
 
 METHODS = ("base", "loldu", "peft_lora", "peft_vera")
 
@@ -264,7 +264,7 @@ def run_model_bench(args) -> List[ModelResult]:
     except ImportError:
         print("note: peft is not installed; skipping the peft_lora, peft_vera rows")
         wanted = [m for m in wanted if not m.startswith("peft_")]
-    print(f"{name}: {batch} x {seq} tokens, {device.type} {args.dtype}, {args.repeats} interleaved rounds")
+    print(f"{name}: {batch} x {seq} tokens, {args.dtype}; {machine(device)}; {args.repeats} interleaved rounds")
     print("\n".join(HEADER), flush=True)
     results = bench_model(name, args.ranks, batch, seq, device, dtype, args.repeats, tuple(wanted),
                           memory=not args.no_memory, log=lambda line: print(line, flush=True))
