@@ -116,16 +116,15 @@ def load_digits_tasks(seed: int, device):
     return pretrain, adapt, held_out
 
 
-def train(model, params, data, epochs, lr, seed, head_lr=1e-2, progress=None, batch=64) -> List[float]:
-    """Trains in place; returns each epoch's seconds."""
+def epochs_of(model, params, data, lr, seed, head_lr=1e-2, batch=64):
+    """Trains in place, one epoch per next(); yields that epoch's seconds (synchronized on CUDA) and last loss."""
     x, y = data
     gen = torch.Generator().manual_seed(seed)
     head = list(model.head.parameters())
     head_ids = {id(p) for p in head}
     groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": lr}, {"params": head, "lr": head_lr}]
     opt = torch.optim.Adam([g for g in groups if g["params"]])
-    seconds = []
-    for _ in range(epochs):
+    while True:
         start = time.perf_counter()
         order = torch.randperm(len(x), generator=gen).to(x.device)
         for i in range(0, len(x), batch):
@@ -136,7 +135,16 @@ def train(model, params, data, epochs, lr, seed, head_lr=1e-2, progress=None, ba
             opt.step()
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
-        seconds.append(time.perf_counter() - start)
+        yield time.perf_counter() - start, loss
+
+
+def train(model, params, data, epochs, lr, seed, head_lr=1e-2, progress=None, batch=64) -> List[float]:
+    """Trains in place; returns each epoch's seconds."""
+    run = epochs_of(model, params, data, lr, seed, head_lr, batch)
+    seconds = []
+    for _ in range(epochs):
+        epoch_s, loss = next(run)
+        seconds.append(epoch_s)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}")
@@ -157,7 +165,8 @@ def trainable_bytes(model, directory: Path, tag: str) -> int:
     return path.stat().st_size
 
 
-def run_method(method: Method, pretrained: MLP, adapt, held_out, epochs, seed, workdir: Path, tqdm_cls) -> Row:
+def prepare(method: Method, pretrained: MLP, seed):
+    """The pretrained MLP with a new head and `method` applied; returns it and its trainable parameters."""
     torch.manual_seed(seed)
     model = MLP().to(next(pretrained.parameters()).device)
     model.load_state_dict(pretrained.state_dict())
@@ -177,15 +186,17 @@ def run_method(method: Method, pretrained: MLP, adapt, held_out, epochs, seed, w
         add_loldu(model.body, rank=method.rank)
         for p in get_loldu_params(model):
             p.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    label = method.name + (f" r={method.rank}" if method.rank is not None else "")
-    with tqdm_cls(total=epochs, desc=f"{label:<18}", leave=False) as bar:
-        epochs_s = train(model, params, adapt, epochs, method.lr, seed, progress=bar)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def finish(method: Method, model, params, epoch_seconds, pretrained: MLP, held_out, workdir: Path) -> Row:
+    """The row of a trained method: accuracy, time, adapter size; LoLDU's adapter reloaded, merges checked."""
     model.eval()
+    label = method.name + (f" r={method.rank}" if method.rank is not None else "")
     row = Row(method.name, method.rank, sum(p.numel() for p in params), accuracy(model, held_out),
-              epochs * statistics.median(epochs_s),
+              len(epoch_seconds) * statistics.median(epoch_seconds),
               trainable_bytes(model, workdir, label.replace(" ", "_").replace("=", "")), method.lr,
-              epoch_seconds_min=min(epochs_s), epoch_seconds_max=max(epochs_s))
+              epoch_seconds_min=min(epoch_seconds), epoch_seconds_max=max(epoch_seconds))
     if method.name == "LoLDU":
         # the adapter file alone reproduces the model on a fresh copy of the pretrained body
         save_loldu(model.body, workdir / f"loldu_r{method.rank}")
@@ -270,7 +281,18 @@ def run_demo(out: Path, epochs: int = 30, pretrain_epochs: int = 40, seed: int =
     print(f"pretrained on upright digits in {time.perf_counter() - start:.1f} s on {device}; "
           f"accuracy on the held-out rotated digits before adapting: {rotated_before:.4f}")
 
-    rows = [run_method(m, pretrained, adapt, held_out, epochs, seed, workdir, tqdm_cls) for m in DEFAULT_METHODS]
+    models = [prepare(m, pretrained, seed) for m in DEFAULT_METHODS]
+    runs = [epochs_of(model, params, adapt, m.lr, seed) for m, (model, params) in zip(DEFAULT_METHODS, models)]
+    seconds: List[List[float]] = [[] for _ in runs]
+    # One epoch of each method in turn: every method's epochs see the same machine, so their times compare on a
+    # shared one (trained one after another, a busy spell of the machine fell on one method's time alone).
+    with tqdm_cls(total=epochs * len(runs), desc=f"adapting ({len(runs)} methods)", leave=False) as bar:
+        for _ in range(epochs):
+            for run, times in zip(runs, seconds):
+                times.append(next(run)[0])
+                bar.update(1)
+    rows = [finish(m, model, params, times, pretrained, held_out, workdir)
+            for m, (model, params), times in zip(DEFAULT_METHODS, models, seconds)]
     table = markdown_table(rows)
     print(table)
     (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
