@@ -40,7 +40,8 @@ def bench_calls(M: int, K: int, N: int, rank: int, dtype, rounds: int) -> str:
     noisy = "1 round" if rounds < 2 else ("yes" if unranked(ratios)["loldu"] else "-")
     return (f"| {M} | {K} x {N} | {rank} | {str(dtype).replace('torch.', '')} | "
             f"{1e3 * statistics.median(times['linear']):.2f} | {1e3 * statistics.median(times['loldu']):.2f} | "
-            f"{ratio:.3f} | {low:.3f}-{high:.3f} | {noisy} | {rounds} x {min(counts['linear'])}, {min(counts['loldu'])} |")
+            f"{ratio:.3f} | {low:.3f}-{high:.3f} | {noisy} | "
+            f"{rounds} x {min(counts['linear'])}, {min(counts['loldu'])} |")
 
 
 def copy_of(linear: nn.Linear) -> nn.Linear:
