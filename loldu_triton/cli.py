@@ -325,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "CPU, 16,64,256,1024,full on GPU; 16,full for --inference; 16,64,256 for --model; 16 "
                             "for --adapter-counts, which takes one)")
     bench.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                       help="(default: float32 on CPU and for --inference, bfloat16 on GPU)")
+                       help="dtype of the layers and inputs (default: float32 on CPU and for --inference, "
+                            "bfloat16 on GPU)")
     bench.add_argument("--device", type=_device_name, default="auto",
                        help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
     bench.add_argument("--repeats", type=_positive_int, default=None,
