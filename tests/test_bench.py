@@ -23,8 +23,8 @@ def bench_args(tmp_path, *argv):
 class FakeClock(Clock):
     """A clock that moves only when a phase says so: what each phase's span holds, exactly."""
 
-    def __init__(self):
-        super().__init__(torch.device("cpu"))
+    def __init__(self, device="cpu"):
+        super().__init__(torch.device(device))
         self.now = 0.0
 
     def mark(self):
@@ -32,6 +32,9 @@ class FakeClock(Clock):
 
     def ms(self, start, end):
         return end - start
+
+    def sync(self):
+        pass
 
     def advance(self, ms, value=None):
         self.now += ms
@@ -68,6 +71,16 @@ def test_each_phase_is_timed_on_its_own_and_resets_are_not_timed():
     assert sample((forward, backward), 1, clock, reset, target_ms=20.0) == ([3.0, 5.0], 7)
     assert sample((forward, backward), 4, clock, reset, target_ms=20.0) == ([3.0, 5.0], 8)  # whole chunks
     assert calibrate((forward, backward), clock, reset) == 1  # the CPU reads its clock after every call
+
+
+def test_a_cuda_chunk_is_calibrated_to_last_the_target():
+    # CUDA events are read after a synchronize, so a chunk is as many calls as make each phase last the target
+    clock = FakeClock("cuda")  # no GPU needed: the fake clock only names the device
+    forward = lambda: clock.advance(3.0, "y")  # noqa: E731
+    backward = lambda y: clock.advance(5.0)  # noqa: E731
+    calls = calibrate((forward, backward), clock, target_ms=50.0)
+    assert 3.0 * calls >= 50.0 and 3.0 * calls / 2 < 50.0  # the forward, the shorter phase, lasts 50 ms
+    assert sample((forward, backward), calls, clock, target_ms=50.0) == ([3.0, 5.0], calls)
 
 
 def test_a_time_that_is_not_positive_is_refused_not_reported():
