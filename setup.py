@@ -30,5 +30,5 @@ setup(
                   "transformers>=4.57,<6"],
         "demo": ["matplotlib>=3.7", "tqdm>=4.60", "scikit-learn>=1.3"],
     },
-    entry_points={"console_scripts": ["loldu-triton=loldu_triton.cli:main"]},
+    entry_points={"console_scripts": ["loldu-triton=loldu_triton.tools.cli:main"]},
 )

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from loldu_triton import LoLDULinear, save_loldu
-from loldu_triton.adapters import ADAPTER_NAME
+from loldu_triton.core.fileformat import ADAPTER_NAME
 
 
 def measure(names, K=4096, N=4096, rank=1024, out=None) -> int:

@@ -53,7 +53,7 @@ step() {
 arch=$(python -c "import torch; m, n = torch.cuda.get_device_capability(); print(10 * m + n)")
 
 if [[ $arch == 90 || $arch == 80 ]]; then
-  step compile 90 python -m loldu_triton.cli compile-check --arch "$arch" --scope gpu-check \
+  step compile 90 python -m loldu_triton.tools.cli compile-check --arch "$arch" --scope gpu-check \
     --jobs "$(nproc)" --json "$out/compile_check.json"
 else
   echo "== compile: no compile-check target for sm_$arch; the steps below compile as they go" | tee -a "$out/summary.txt"
@@ -67,7 +67,7 @@ else
   failed=$((failed + 1))
 fi
 
-bench=(python -m loldu_triton.cli bench --device cuda --dtype bfloat16)
+bench=(python -m loldu_triton.tools.cli bench --device cuda --dtype bfloat16)
 step headline 60 "${bench[@]}" --shapes 8192x4096x4096,1x4096x4096 --ranks 16,64,full \
   --methods linear,loldu,loldu_torch,peft_lora --out "$out/headline"
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-import loldu_triton.functional as functional
+import loldu_triton.ops.function as function
 from loldu_triton import ldu_factors, loldu_linear
-from loldu_triton import planner
-from loldu_triton.planner import StepPlan
+from loldu_triton.factors import planner
+from loldu_triton.factors.planner import StepPlan
 
 GEMM_CASES = [(1024, 1024, 16), (1024, 1024, 256), (1024, 4096, 64), (4096, 1024, 64)]
 GEMM_ROWS = [64, 256, 512, 1024, 2048, 4096]
@@ -65,7 +65,7 @@ def gemm_sweep(rounds):
     for K, N, r in GEMM_CASES:
         for M in GEMM_ROWS:
             x, W, b, L, U, e = operands(M, K, N, r)
-            ms = interleaved({route: (lambda route=route: functional._torch_forward(x, W, b, L, U, e, None, route))
+            ms = interleaved({route: (lambda route=route: function.torch_forward(x, W, b, L, U, e, None, route))
                               for route in ("side", "merged")}, rounds)
             rows.append((M, K, N, r, ms["side"], ms["merged"]))
             print(f"GEMM M={M} K={K} N={N} r={r}: side {ms['side']:.2f} ms, merged {ms['merged']:.2f} ms", flush=True)
@@ -81,15 +81,15 @@ def step_sweep(rounds, M=2048, K=1024, N=1024):
         dy = torch.randn(M, N)
 
         def run(step):
-            functional.plan_step = lambda *a, _s=step: _s
+            function.plan_step = lambda *a, _s=step: _s
             loldu_linear(x, W, b, L, U, e, backend="torch").backward(dy)
             x.grad = e.grad = None
 
-        real = functional.plan_step
+        real = function.plan_step
         try:
             ms = interleaved({step: (lambda step=step: run(step)) for step in STEP_PLANS}, rounds)
         finally:
-            functional.plan_step = real
+            function.plan_step = real
         rows.append((M, K, N, r, ms))
         best = min(ms, key=ms.get)
         print(f"step M={M} K=N={K} r={r}: fastest {_name(best)} {ms[best]:.1f} ms; planner "

@@ -6,7 +6,7 @@ fastest of the group, which is the frozen nn.Linear when LoLDU is within its tar
 import pytest
 import torch
 
-from loldu_triton.bench import build_methods
+from loldu_triton.tools.peers import build_methods
 
 SHAPES = [(2048, 1024, 1024, 16), (512, 1024, 1024, 64), (2048, 1024, 1024, 1024)]
 METHODS = ["linear", "loldu", "loldu_unfused", "seed_param"]

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from loldu_triton import add_loldu, load_loldu, loldu_layers, save_loldu
-from loldu_triton.adapters import ADAPTER_NAME, _serialize
-from loldu_triton.factorize import weight_sketch
+from loldu_triton.core.fileformat import ADAPTER_NAME, serialize
+from loldu_triton.factors.fingerprint import weight_sketch
 from test_api import TinyLM, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def read_file(directory):
 
 def rewrite(directory, config, tensors):
     """Write an adapter file as an attacker who knows the format would: valid checksum, chosen contents."""
-    (directory / ADAPTER_NAME).write_bytes(_serialize(tensors, json.dumps(config)))
+    (directory / ADAPTER_NAME).write_bytes(serialize(tensors, json.dumps(config)))
 
 
 def test_one_file_holds_d_s_pivots_and_a_sketch_per_layer(tmp_path):

@@ -4,16 +4,17 @@ import importlib.util
 import pytest
 import torch
 
-from loldu_triton import bench
-from loldu_triton.bench import (Clock, build_methods, calibrate, ideal_ms, run_bench, sample, saved_bytes, time_calls,
-                                unranked)
-from loldu_triton.cli import parse_args
+from loldu_triton.tools import timing
+from loldu_triton.tools.bench import ideal_ms, run_bench
+from loldu_triton.tools.peers import build_methods, saved_bytes
+from loldu_triton.tools.timing import Clock, calibrate, sample, time_calls, unranked
+from loldu_triton.tools.cli import parse_args
 
 
 @pytest.fixture(autouse=True)
 def short_samples(monkeypatch):
     """Samples of 1 ms: the tests check what the bench measures and writes, not how fast anything is."""
-    monkeypatch.setitem(bench.SAMPLE_MS, "cpu", 1.0)
+    monkeypatch.setitem(timing.SAMPLE_MS, "cpu", 1.0)
 
 
 def bench_args(tmp_path, *argv):
@@ -56,7 +57,8 @@ def test_loldu_keeps_only_t_for_backward():
     modules = build_methods(K, N, r, torch.float32, torch.device("cpu"), ["linear", "loldu", "seed_param"])
     x = torch.randn(M, K, requires_grad=True)
     assert saved_bytes(modules["linear"], x) == 0
-    assert saved_bytes(modules["loldu"], x) == M * r * 4 + r * 4  # t and e
+    # t and e, and the one value s0 by which e's FMA-safe formula (core.formulas.delta_diagonal) multiplies d - d0
+    assert saved_bytes(modules["loldu"], x) == M * r * 4 + r * 4 + 4
     assert saved_bytes(modules["seed_param"], x) >= M * K * 4  # rebuilding W makes autograd keep x
 
 
@@ -175,7 +177,7 @@ def test_bench_plot_has_a_title_and_plain_ratio_ticks(tmp_path, monkeypatch):
     import matplotlib.container
     import matplotlib.figure
 
-    from loldu_triton.bench import Result, plot
+    from loldu_triton.tools.bench import Result, plot
 
     figures = []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from loldu_triton.cli import build_parser, main
+from loldu_triton.tools.cli import build_parser, main
 
 ROW_KEYS = {"method", "rank", "trainable_params", "accuracy", "train_seconds", "adapter_bytes"}
 
@@ -17,13 +17,13 @@ def test_help_explains_every_option_and_shows_its_default():
             assert action.help and len(action.help) > 10, (name, action.dest)
             if action.nargs != 0:  # flags are off unless given
                 assert "(default: " in action.help, (name, action.dest)
-    bench_help = subprocess.run([sys.executable, "-m", "loldu_triton.cli", "bench", "--help"], capture_output=True,
+    bench_help = subprocess.run([sys.executable, "-m", "loldu_triton.tools.cli", "bench", "--help"], capture_output=True,
                                 text=True).stdout
     assert "(default: ./loldu-bench)" in " ".join(bench_help.split())
 
 
 def test_console_script_help_runs():
-    out = subprocess.run([sys.executable, "-m", "loldu_triton.cli", "demo", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "loldu_triton.tools.cli", "demo", "--help"], capture_output=True,
                          text=True)
     assert out.returncode == 0 and "--out" in out.stdout and "--epochs" in out.stdout
 
@@ -54,5 +54,5 @@ def test_short_demo_writes_results_and_merging_keeps_accuracy(tmp_path):
 def test_version_flag_prints_the_package_version():
     from loldu_triton import __version__
 
-    out = subprocess.run([sys.executable, "-m", "loldu_triton.cli", "--version"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "loldu_triton.tools.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == f"loldu-triton {__version__}"

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from loldu_triton.cli import main
+from loldu_triton.tools.cli import main
 
 CUDA = torch.cuda.is_available()
 
@@ -99,6 +99,6 @@ def test_an_output_folder_that_cannot_be_written_is_refused_up_front(tmp_path, c
 
 @pytest.mark.parametrize("argv", [["bench", "--ranks", "0"], ["demo", "--epochs", "-5"], ["bench", "--shapes", "abc"]])
 def test_the_console_command_prints_no_traceback(argv):
-    out = subprocess.run([sys.executable, "-m", "loldu_triton.cli", *argv], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "loldu_triton.tools.cli", *argv], capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert len(error_lines(out.stderr)) == 1 and argv[1] in error_lines(out.stderr)[0]

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from loldu_triton.cli import main  # noqa: E402
+from loldu_triton.tools.cli import main  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=[90, 80], ids=lambda a: f"sm_{a}")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from loldu_triton.factorize import MAX_U_GROWTH, initial_diagonal, ldu_factors
+from loldu_triton.factors.factorize import MAX_U_GROWTH, initial_diagonal, ldu_factors
 
 
 def lapack_reference(W, r):

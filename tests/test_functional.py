@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from loldu_triton import ldu_factors, loldu_linear, loldu_merge
+from loldu_triton import ldu_factors, loldu_linear, loldu_merged_weight
 
 
 def operands(M=6, K=7, N=5, r=3, dtype=torch.float64, bias=True):
@@ -40,7 +40,7 @@ def test_gradcheck_x_and_e_only(bias):
 
 
 def test_backward_saves_only_t_not_x_nor_a_delta():
-    from loldu_triton.planner import SIDE_STEP, plan_step
+    from loldu_triton.factors.planner import SIDE_STEP, plan_step
 
     M, K, N, r = 16, 40, 30, 4  # low rank, few rows: the side path (other routes: test_routes.py)
     assert plan_step(M, K, N, r, 4, "cpu", False) == SIDE_STEP
@@ -83,7 +83,7 @@ def test_gradients_match_float64_reference_in_float32():
 
 def test_merge_equals_dense_formula():
     _, W, _, L, U, e = operands(K=30, N=20, r=7, dtype=torch.float32)
-    merged = loldu_merge(W, L, U, e, backend="torch")
+    merged = loldu_merged_weight(W, L, U, e, backend="torch")
     assert merged.dtype == W.dtype
     assert rel_err(merged, W.double() + L.double() @ torch.diag(e.double()) @ U.double()) < 1e-6
 
@@ -102,7 +102,7 @@ def test_shape_and_backend_errors_name_the_caller():
 
 @pytest.mark.parametrize("M,K,N,route", [(3, 40, 30, "side"), (200, 12, 10, "merged")])
 def test_torch_path_takes_the_planned_route_and_both_match_float64(M, K, N, route):
-    from loldu_triton.planner import plan
+    from loldu_triton.factors.planner import plan
 
     assert plan(M, K, N, 4, 4, "cpu", fused_epilogue=False) == route
     assert plan(M, N, K, 4, 4, "cpu", fused_epilogue=False) == route  # the backward GEMM
@@ -123,7 +123,7 @@ def test_torch_path_takes_the_planned_route_and_both_match_float64(M, K, N, rout
 
 
 def test_planner_crossovers():
-    from loldu_triton.planner import plan
+    from loldu_triton.factors.planner import plan
 
     for K, N, r in ((768, 768, 768), (4096, 4096, 16), (4096, 11008, 1024)):
         for device, fused in (("cuda", True), ("cpu", False)):
@@ -148,14 +148,14 @@ def test_inference_path_skips_autograd_and_gives_the_same_output():
 
 
 def test_merged_route_without_autograd_skips_the_shrink(monkeypatch):
-    import loldu_triton.functional as functional
-    from loldu_triton.planner import plan_step
+    import loldu_triton.ops.function as function
+    from loldu_triton.factors.planner import plan_step
 
     x, W, b, L, U, e = operands(M=200, K=40, N=30, r=4, dtype=torch.float32)  # the merged route on CPU
     assert plan_step(200, 40, 30, 4, 4, "cpu", False, False, True).grad_e == "shrink"  # t from x U^T
     shrinks = []
     real_linear = torch.nn.functional.linear
-    monkeypatch.setattr(functional.F, "linear", lambda a, w, *rest: shrinks.append(w is U) or real_linear(a, w, *rest))
+    monkeypatch.setattr(function.F, "linear", lambda a, w, *rest: shrinks.append(w is U) or real_linear(a, w, *rest))
     with torch.no_grad():
         y = loldu_linear(x, W, b, L, U, e, backend="torch")
     assert not any(shrinks)  # x U^T is only for backward there

@@ -23,7 +23,7 @@ from loldu_triton import (
     merge_loldu,
     save_loldu,
 )
-from loldu_triton.planner import plan
+from loldu_triton.factors.planner import plan
 from test_adapters import assert_unchanged, snapshot
 from test_api import TinyLM, train
 

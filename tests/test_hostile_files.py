@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import loldu_triton.adapters as adapters
+import loldu_triton.core.fileformat as fileformat
 from loldu_triton import add_loldu, load_loldu, loldu_layers, save_loldu
-from loldu_triton.adapters import ADAPTER_NAME
+from loldu_triton.core.fileformat import ADAPTER_NAME
 from test_adapters import assert_unchanged, read_file, rewrite, snapshot, write_legacy
 from test_api import TinyLM, train
 
@@ -75,7 +75,7 @@ def test_a_save_that_fails_before_the_rename_leaves_the_old_adapter(two_adapters
     def broken_replace(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(adapters.os, "replace", broken_replace)
+    monkeypatch.setattr(fileformat.os, "replace", broken_replace)
     with pytest.raises(OSError, match="No space left"):
         save_loldu(models["b"], tmp_path)
     monkeypatch.undo()
@@ -95,14 +95,14 @@ def test_a_process_killed_during_a_save_leaves_the_old_adapter_loadable(two_adap
         import os, sys, torch
         sys.path.insert(0, {str(REPO / 'tests')!r})
         from test_api import TinyLM
-        import loldu_triton.adapters as adapters
+        import loldu_triton.core.fileformat as fileformat
         from loldu_triton import add_loldu, save_loldu
         model = TinyLM()
         add_loldu(model, rank=3, target_modules={TARGETS!r})
         model.load_state_dict(torch.load({str(tmp_path.parent / 'b.pt')!r}))
         def die(*args):
             os._exit(9)  # as a power cut or kill -9 would, with no cleanup
-        setattr(adapters.os, {stage!r}, die)
+        setattr(fileformat.os, {stage!r}, die)
         save_loldu(model, {str(tmp_path)!r})
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
@@ -223,7 +223,7 @@ def test_a_link_to_a_device_is_refused(two_adapters, tmp_path):
 
 def test_an_oversized_file_is_refused_before_it_is_read(two_adapters, tmp_path, monkeypatch):
     save_loldu(two_adapters[0]["a"], tmp_path)
-    monkeypatch.setattr(adapters, "MAX_FILE_BYTES", 1000)
+    monkeypatch.setattr(fileformat, "MAX_FILE_BYTES", 1000)
     load_and_expect(tmp_path, two_adapters[1], r"bytes, more than an adapter file can be \(1000\)")
 
 
@@ -282,7 +282,7 @@ def test_crafted_files_are_refused_naming_the_file_and_field(two_adapters, tmp_p
 
 
 @pytest.mark.parametrize("version, match", [("3", "has format version 3, newer than this library"),
-                                            ("two", "format_version must be a number, got 'two'")])
+                                            ("two", "format_version must be a number written in ASCII digits, got 'two'")])
 def test_format_versions_are_checked(two_adapters, tmp_path, version, match):
     from safetensors.torch import save
 

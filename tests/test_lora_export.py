@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from loldu_triton import LoLDUConfig, add_loldu, get_loldu_model, load_loldu, loldu_layers, merge_loldu, save_loldu
-from loldu_triton.lora_export import export_lora
+from loldu_triton.files.lora_export import export_lora
 from test_adapters import assert_unchanged, snapshot
 from test_api import TinyLM, train
 from conftest import tiny_llama

@@ -9,10 +9,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from loldu_triton import bench  # noqa: E402
-from loldu_triton.bench_inference import run_inference_bench  # noqa: E402
-from loldu_triton.cli import parse_args  # noqa: E402
-from loldu_triton.model_bench import adapt, build_base, peak_memory, run_model_bench  # noqa: E402
+from loldu_triton.tools import timing  # noqa: E402
+from loldu_triton.tools.bench_inference import run_inference_bench  # noqa: E402
+from loldu_triton.tools.cli import parse_args  # noqa: E402
+from loldu_triton.tools.model_bench import adapt, build_base, peak_memory, run_model_bench  # noqa: E402
 
 PEFT = importlib.util.find_spec("peft") is not None
 # nn.Linear layers per model and their (in, out): every attention and MLP projection
@@ -23,7 +23,7 @@ LINEARS = {"minilm": 6 * [(384, 384)] * 4 + 6 * [(384, 1536), (1536, 384)],
 @pytest.fixture(autouse=True)
 def short_samples(monkeypatch):
     """Samples of 1 ms: the tests check what the benchmarks measure and write, not how fast anything is."""
-    monkeypatch.setitem(bench.SAMPLE_MS, "cpu", 1.0)
+    monkeypatch.setitem(timing.SAMPLE_MS, "cpu", 1.0)
 
 
 def args(tmp_path, *argv):

@@ -28,7 +28,7 @@ from loldu_triton import (
     set_adapter,
     unmerge_loldu,
 )
-from loldu_triton.adapters import ADAPTER_NAME, _serialize
+from loldu_triton.core.fileformat import ADAPTER_NAME, serialize
 from test_adapters import assert_unchanged, read_file, snapshot
 from test_api import TinyLM, train
 
@@ -146,7 +146,7 @@ def test_adapter_file_stores_the_config_and_from_pretrained_reads_it_back(tmp_pa
     file_config, tensors = read_file(tmp_path)
     assert file_config["layers"]["lm_head"]["rank"] == 6 and file_config["layers"]["lm_head"]["init_seed"] == 7
     file_config["init"] = "bogus"
-    (tmp_path / ADAPTER_NAME).write_bytes(_serialize(tensors, json.dumps(file_config)))
+    (tmp_path / ADAPTER_NAME).write_bytes(serialize(tensors, json.dumps(file_config)))
     other = TinyLM()
     other.load_state_dict(base)
     before = full_snapshot(other)
@@ -179,7 +179,7 @@ def test_a_hostile_layer_record_is_refused_naming_the_file_layer_and_field(tmp_p
                                 ("lora_alpha", 8, r"has unknown fields \['lora_alpha'\]")]:
         hostile = copy.deepcopy(file_config)
         hostile["layers"]["layers.1.q_proj"][field] = value
-        (tmp_path / ADAPTER_NAME).write_bytes(_serialize(tensors, json.dumps(hostile)))
+        (tmp_path / ADAPTER_NAME).write_bytes(serialize(tensors, json.dumps(hostile)))
         other = TinyLM()
         other.load_state_dict(base)
         before = full_snapshot(other)
@@ -279,7 +279,7 @@ def test_adapter_refusals_name_the_problem_and_change_nothing(served):
     before = full_snapshot(serving)
     for call, match in [
         (lambda: set_adapter(serving, "zzz"), r"no adapter 'zzz'; the model has \['default', 'a', 'b'\]"),
-        (lambda: set_adapter(serving, 3), "adapter names are non-empty strings, got 3"),
+        (lambda: set_adapter(serving, 3), "adapter_name must be a non-empty string, got 3"),
         (lambda: delete_adapter(serving, "default"), "'default' is the trainable adapter"),
         (lambda: delete_adapter(serving, "zzz"), "no adapter 'zzz'"),
         (lambda: merge_loldu(serving), r"named adapters that merging would drop: .*'lm_head': \['a', 'b'\]"),

@@ -1,13 +1,13 @@
-"""Every route of a training step (loldu_triton.planner.StepPlan) against a float64 reference, element by element,
+"""Every route of a training step (loldu_triton.factors.planner.StepPlan) against a float64 reference, element by element,
 with and without grad, and its double backward (gradgradcheck in float64); what each route keeps for backward;
 the planner's choices. No timings: speed is the benchmark's business."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import loldu_triton.functional as functional
+import loldu_triton.ops.function as function
 from loldu_triton import ldu_factors, loldu_linear
-from loldu_triton.planner import SIDE_STEP, StepPlan, plan, plan_step
+from loldu_triton.factors.planner import SIDE_STEP, StepPlan, plan, plan_step
 
 STEPS = [
     SIDE_STEP,
@@ -31,7 +31,7 @@ def force_step(monkeypatch):
             return step._replace(backward=step.backward if need_dx else None,
                                  grad_e=step.grad_e if need_grad_e else None,
                                  keep_merged=step.keep_merged and need_dx)
-        monkeypatch.setattr(functional, "plan_step", forced)
+        monkeypatch.setattr(function, "plan_step", forced)
     return force
 
 
@@ -151,8 +151,8 @@ def test_the_outer_route_never_computes_t(force_step, monkeypatch):
     e.requires_grad_(True)
     shrinks = []
     real_linear = F.linear
-    monkeypatch.setattr(functional.F, "linear", lambda a, w, *rest: shrinks.append(w is U) or real_linear(a, w, *rest))
-    y, t = functional.LoLDULinearFunction.apply(x, W, b, L, U, e, None, None, "torch")
+    monkeypatch.setattr(function.F, "linear", lambda a, w, *rest: shrinks.append(w is U) or real_linear(a, w, *rest))
+    y, t = function.LoLDULinearFunction.apply(x, W, b, L, U, e, None, None, "torch")
     y.sum().backward()
     assert t is None and not any(shrinks) and x.grad is not None and e.grad is not None
 
@@ -195,8 +195,8 @@ def test_plan_step_agrees_with_plan_where_nothing_couples_the_passes():
 
 def test_kept_w_eff_is_built_once_per_step(force_step, monkeypatch):
     built = []
-    real_merge = functional._torch_merge
-    monkeypatch.setattr(functional, "_torch_merge", lambda *a: built.append(1) or real_merge(*a))
+    real_merge = function.merged_weight
+    monkeypatch.setattr(function, "merged_weight", lambda *a: built.append(1) or real_merge(*a))
     for step, merges in ((StepPlan("merged", "merged", "shrink", True), 1),
                          (StepPlan("merged", "merged", "outer", True), 1),
                          (StepPlan("merged", "merged", "shrink", False), 2)):
@@ -217,18 +217,18 @@ def test_kept_w_eff_is_built_once_per_step(force_step, monkeypatch):
 
 INTERPRETED_WORKER = r'''
 import json, torch
-import loldu_triton.functional as functional
-import loldu_triton.kernels.loldu_linear as kernels
+import loldu_triton.ops.function as function
+import loldu_triton.kernels.launch as kernels
 from loldu_triton import ldu_factors, loldu_linear
-from loldu_triton.planner import StepPlan
+from loldu_triton.factors.planner import StepPlan
 
 calls = {"forward": 0, "backward": 0, "merge": 0}
-for name in calls:
-    original = getattr(kernels, name)
+for name in calls:  # the entry points the autograd Function calls (its operands checked once, before)
+    original = getattr(kernels, "run_" + name)
     def counted(*args, _name=name, _original=original, **kwargs):
         calls[_name] += 1
         return _original(*args, **kwargs)
-    setattr(kernels, name, counted)
+    setattr(kernels, "run_" + name, counted)
 
 torch.manual_seed(0)
 M, K, N, r = 37, 45, 29, 5
@@ -238,7 +238,7 @@ x, b, dy, e = torch.randn(M, K), torch.randn(N), torch.randn(M, N), torch.randn(
 out = {}
 for step in (StepPlan("merged", "merged", "shrink", True), StepPlan("merged", "merged", "outer", True),
              StepPlan("merged", None, "outer", False), StepPlan("side", "merged", "shrink", False)):
-    functional.plan_step = lambda *a, _s=step: _s._replace(backward=_s.backward if a[7] else None)
+    function.plan_step = lambda *a, _s=step: _s._replace(backward=_s.backward if a[7] else None)
     res = {}
     for backend in ("torch", "triton"):
         for c in calls:
@@ -283,7 +283,7 @@ def test_triton_backend_takes_the_same_routes_through_the_merge_kernel():
 
 
 def test_side_rows_is_the_planners_crossover():
-    from loldu_triton.planner import side_rows
+    from loldu_triton.factors.planner import side_rows
 
     for K, N, r, itemsize, device, fused in ((1024, 1024, 16, 4, "cpu", False), (64, 64, 64, 4, "cpu", False),
                                              (4096, 11008, 1024, 2, "cuda", True), (24, 16, 6, 8, "cpu", False)):

@@ -9,8 +9,8 @@ tf = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # Trainer needs it
 
 from loldu_triton import LoLDUConfig, get_loldu_model, load_loldu, loldu_layers  # noqa: E402
-from loldu_triton.adapters import ADAPTER_NAME  # noqa: E402
-from loldu_triton.trainer import LoLDUCheckpointCallback  # noqa: E402
+from loldu_triton.core.fileformat import ADAPTER_NAME  # noqa: E402
+from loldu_triton.integrations.trainer import LoLDUCheckpointCallback  # noqa: E402
 from conftest import tiny_llama
 
 CONFIG = LoLDUConfig(rank=4, target_modules=["q_proj", "v_proj"])

@@ -1,10 +1,8 @@
-"""What every kernel family shares: interpreter mode, the dot helper, precision rules, e from its parts, and
+"""What every kernel family shares: interpreter mode, the dot helper, precision rules, and
 the one place kernels are launched from (so compile-check can record launches instead of running them)."""
 
 import contextlib
 import os
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -40,28 +38,6 @@ def dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PREC)
 
 
-@triton.jit
-def load_e(e_ptr, es_ptr, es0_ptr, ed0_ptr, offs, mask, E_PARTS: tl.constexpr):
-    """e at offs, fp32. With E_PARTS, e_ptr holds d and e = s*d - s0*d0 is formed here, written as
-    (s - s0)*d + s0*(d - d0) so that it is exactly 0 at init (s == s0, d == d0) even with FMA contraction."""
-    d = tl.load(e_ptr + offs, mask=mask, other=0.0)
-    if E_PARTS:
-        s = tl.load(es_ptr)
-        s0 = tl.load(es0_ptr)
-        d0 = tl.load(ed0_ptr + offs, mask=mask, other=0.0)
-        d = (s - s0) * d + s0 * (d - d0)
-    return d
-
-
-class EParts(NamedTuple):
-    """e = s * d - s0 * d0 handed to the kernels in parts (s, s0: (1,) float32; d, d0: (r,) float32), so that e is
-    formed inside the kernels that read it instead of by separate elementwise launches."""
-    s: torch.Tensor
-    d: torch.Tensor
-    s0: torch.Tensor
-    d0: torch.Tensor
-
-
 def precision(dtype):
     """input_precision of tl.dot for this activation dtype. Same rule as torch.matmul: fp32 stays fp32-accurate
     unless the user allowed tf32, and then it runs on tensor cores as 3xTF32; half types ignore it."""
@@ -72,13 +48,6 @@ def precision(dtype):
 
 def upcast(dtype):
     return INTERPRET and dtype == torch.bfloat16
-
-
-def e_args(e):
-    """(e or d, s, s0, d0, E_PARTS) kernel arguments for e given as a tensor or as EParts."""
-    if isinstance(e, torch.Tensor):
-        return e, e, e, e, False
-    return e.d, e.s, e.s0, e.d0, True
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -11,13 +11,13 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import dot, e_args, launch, load_e, precision, upcast
+from .common import dot, launch, precision, upcast
 
 
 @triton.jit
-def _rank_tile(a2_ptr, b2_ptr, e_ptr, es_ptr, es0_ptr, ed0_ptr, e_rows, ram, rbn, r0, R,
+def _rank_tile(a2_ptr, b2_ptr, e_ptr, e_rows, ram, rbn, r0, R,
                stride_a2m, stride_a2r, stride_b2r, stride_b2n,
-               PER_ROW: tl.constexpr, E_PARTS: tl.constexpr, R_STEP: tl.constexpr):
+               PER_ROW: tl.constexpr, R_STEP: tl.constexpr):
     """One K-step of the rank term: (A2 * e) in fp32 for rows ram and ranks r0..r0+R_STEP, and B2's tile."""
     rr = r0 + tl.arange(0, R_STEP)
     r_ok = rr < R
@@ -25,7 +25,7 @@ def _rank_tile(a2_ptr, b2_ptr, e_ptr, es_ptr, es0_ptr, ed0_ptr, e_rows, ram, rbn
     if PER_ROW:
         ev = tl.load(e_rows + rr[None, :], mask=r_ok[None, :], other=0.0)
     else:
-        ev = load_e(e_ptr, es_ptr, es0_ptr, ed0_ptr, rr, r_ok, E_PARTS)[None, :]
+        ev = tl.load(e_ptr + rr[None, :], mask=r_ok[None, :], other=0.0)
     b2 = tl.load(b2_ptr + rr[:, None] * stride_b2r + rbn[None, :] * stride_b2n, mask=r_ok[:, None], other=0.0)
     return a2.to(tl.float32) * ev, b2
 
@@ -47,22 +47,21 @@ def _sum_partials(part_ptr, ge_ptr, num_parts, R, pid, num_programs, RB: tl.cons
 
 @triton.jit
 def _gemm_kernel(
-    a_ptr, b_ptr, a2_ptr, b2_ptr, e_ptr, es_ptr, es0_ptr, ed0_ptr, rows_ptr, bias_ptr, scale_ptr, c_ptr,
+    a_ptr, b_ptr, a2_ptr, b2_ptr, e_ptr, rows_ptr, bias_ptr, scale_ptr, c_ptr,
     part_ptr, ge_ptr,
     M, N, K, R, M_BUCKET, stride_e, num_parts,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_a2m, stride_a2r, stride_b2r, stride_b2n,
     stride_cm, stride_cn,
-    LOWRANK: tl.constexpr, PER_ROW: tl.constexpr, E_PARTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    LOWRANK: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, REDUCE_E: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, R_STEP: tl.constexpr, R_PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C = A @ B [+ (A2 * e) @ B2] [+ bias]; with REDUCE_E also ge = sum of the rows of part (num_parts x R).
 
-    PER_ROW: row m scales by its own row of the (adapters x R) table e: e[rows[m], :]. E_PARTS: e from its
-    parts (see load_e). A quantized B (int8/fp8 values of a per-row-scaled W) is dequantized here: SCALE_N
-    multiplies column n of A @ B by scale[n] in the epilogue, SCALE_K row k of each B tile by scale[k].
+    PER_ROW: row m scales by its own row of the (adapters x R) table e: e[rows[m], :]. A quantized B (int8/fp8
+    values of a per-row-scaled W) is dequantized here: SCALE_N multiplies column n of A @ B by scale[n] in the epilogue, SCALE_K row k of each B tile by scale[k].
     R_PREFETCH: the whole rank term is one R_STEP, loaded before the main loop so that its latency hides there."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -85,8 +84,8 @@ def _gemm_kernel(
         e_rows = e_ptr + tl.load(rows_ptr + ram)[:, None] * stride_e
     RS: tl.constexpr = R_STEP if R_STEP < BLOCK_K else BLOCK_K  # rank steps no longer than the main loop's
     if LOWRANK and R_PREFETCH:
-        a2f, b2 = _rank_tile(a2_ptr, b2_ptr, e_ptr, es_ptr, es0_ptr, ed0_ptr, e_rows, ram, rbn, 0, R,
-                             stride_a2m, stride_a2r, stride_b2r, stride_b2n, PER_ROW, E_PARTS, RS)
+        a2f, b2 = _rank_tile(a2_ptr, b2_ptr, e_ptr, e_rows, ram, rbn, 0, R,
+                             stride_a2m, stride_a2r, stride_b2r, stride_b2n, PER_ROW, RS)
         a2 = a2f.to(a_ptr.dtype.element_ty)
 
     a_ptrs = a_ptr + ram[:, None] * stride_am + rk[None, :] * stride_ak
@@ -110,8 +109,8 @@ def _gemm_kernel(
             acc = dot(a2, b2, acc, PREC, UPCAST)
         else:
             for r0 in range(0, R, RS):
-                a2f, b2 = _rank_tile(a2_ptr, b2_ptr, e_ptr, es_ptr, es0_ptr, ed0_ptr, e_rows, ram, rbn, r0, R,
-                                     stride_a2m, stride_a2r, stride_b2r, stride_b2n, PER_ROW, E_PARTS, RS)
+                a2f, b2 = _rank_tile(a2_ptr, b2_ptr, e_ptr, e_rows, ram, rbn, r0, R,
+                                     stride_a2m, stride_a2r, stride_b2r, stride_b2n, PER_ROW, RS)
                 acc = dot(a2f.to(a_ptr.dtype.element_ty), b2, acc, PREC, UPCAST)
 
     if HAS_BIAS:
@@ -141,7 +140,7 @@ def gemm(a, b, stride_bk, stride_bn, c, lowrank=None, bias=None, rows=None, scal
          grad_e=None):
     """c = a @ B [+ (a2 * e) @ B2] [+ bias], B[k, n] at b + k*stride_bk + n*stride_bn.
 
-    lowrank = (a2, e, b2, stride_b2r, stride_b2n) with a2 (M, R); e a float32 (R,) tensor or EParts; with
+    lowrank = (a2, e, b2, stride_b2r, stride_b2n) with a2 (M, R); e a float32 (R,) tensor; with
     rows (M,) int64, e is an (A, R) table and row m uses e[rows[m]]. scale: B holds quantized values,
     dequantized by scale along N in the forward and along K in the backward. grad_e = (part, out): also sums the
     rows of part (P, R) into out (R,). backward: dX = dY W (tuned apart from the forward's GEMM)."""
@@ -153,18 +152,17 @@ def gemm(a, b, stride_bk, stride_bn, c, lowrank=None, bias=None, rows=None, scal
     else:
         a2, e, b2, stride_b2r, stride_b2n = lowrank
         R = a2.shape[1]
-    ep, es, es0, ed0, e_parts = e_args(e)
     part, ge = grad_e if grad_e is not None else (a, a)
     r_step, r_prefetch = rank_step(R if lowrank is not None else 0)
     kernel = gemm_bwd if backward else gemm_fwd
     launch(kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
-           a, b, a2, b2, ep, es, es0, ed0, rows if rows is not None else a, bias if bias is not None else a,
+           a, b, a2, b2, e, rows if rows is not None else a, bias if bias is not None else a,
            scale if scale is not None else a, c, part, ge,
-           M, N, K, R, configs.m_bucket(M), ep.stride(0) if rows is not None else 0, part.shape[0],
+           M, N, K, R, configs.m_bucket(M), e.stride(0) if rows is not None else 0, part.shape[0],
            a.stride(0), a.stride(1), stride_bk, stride_bn,
            a2.stride(0), a2.stride(1), stride_b2r, stride_b2n,
            c.stride(0), c.stride(1),
-           LOWRANK=lowrank is not None, PER_ROW=rows is not None, E_PARTS=e_parts, HAS_BIAS=bias is not None,
+           LOWRANK=lowrank is not None, PER_ROW=rows is not None, HAS_BIAS=bias is not None,
            SCALE_N=scale is not None and not backward, SCALE_K=scale is not None and backward,
            REDUCE_E=grad_e is not None, PREC=precision(a.dtype), UPCAST=upcast(a.dtype),
            R_STEP=r_step, R_PREFETCH=r_prefetch)

@@ -5,15 +5,15 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import dot, e_args, launch, load_e, precision, upcast
+from .common import dot, launch, precision, upcast
 
 
 @triton.jit
 def _merge_kernel(
-    w_ptr, l_ptr, u_ptr, e_ptr, es_ptr, es0_ptr, ed0_ptr, scale_ptr, out_ptr,
+    w_ptr, l_ptr, u_ptr, e_ptr, scale_ptr, out_ptr,
     N, K, R,
     stride_wn, stride_wk, stride_ln, stride_lr, stride_ur, stride_uk, stride_on, stride_ok,
-    SCALED: tl.constexpr, E_PARTS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    SCALED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """OUT = W + (L * e) @ U, one (BLOCK_N, BLOCK_K) tile per program, the rank-R sum in fp32."""
@@ -30,7 +30,7 @@ def _merge_kernel(
     for r0 in range(0, R, BLOCK_R):
         r_ok = rr < R - r0
         lt = tl.load(l_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-        ev = load_e(e_ptr, es_ptr, es0_ptr, ed0_ptr, r0 + rr, r_ok, E_PARTS)
+        ev = tl.load(e_ptr + r0 + rr, mask=r_ok, other=0.0)
         lt = (lt.to(tl.float32) * ev[None, :]).to(l_ptr.dtype.element_ty)
         ut = tl.load(u_ptrs, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         acc = dot(lt, ut, acc, PREC, UPCAST)
@@ -48,16 +48,15 @@ merge_kernel = configs.autotuned(_merge_kernel, configs.merge_configs(), ["N", "
 
 
 def merge_into(weight, L, U, e, out, scale=None):
-    """out = weight [* scale per row] + L diag(e) U; e a float32 (r,) tensor or EParts."""
+    """out = weight [* scale per row] + L diag(e) U; e a float32 (r,) tensor."""
     N, K = weight.shape
     R = L.shape[1]
-    ep, es, es0, ed0, e_parts = e_args(e)
     launch(merge_kernel, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"])),
-           weight, L, U, ep, es, es0, ed0, scale if scale is not None else ep, out,
+           weight, L, U, e, scale if scale is not None else e, out,
            N, K, R,
            weight.stride(0), weight.stride(1), L.stride(0), L.stride(1), U.stride(0), U.stride(1),
            out.stride(0), out.stride(1),
-           SCALED=scale is not None, E_PARTS=e_parts, PREC=precision(L.dtype), UPCAST=upcast(L.dtype))
+           SCALED=scale is not None, PREC=precision(L.dtype), UPCAST=upcast(L.dtype))
     return out
 
 

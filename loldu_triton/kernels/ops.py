@@ -9,16 +9,11 @@ from typing import Optional
 
 import torch
 
-from ..functional import shrink_dtype
-from .common import INTERPRET, EParts, triton_op
+from ..core.formulas import shrink_dtype
+from .common import INTERPRET, triton_op
 from .gemm import gemm
 from .merge import merged_weight
 from .shrink import shrink
-
-
-def _e(e, es, es0, ed0):
-    """The e the kernels take: the tensor itself, or EParts when its parts were passed (es is s)."""
-    return e if es is None else EParts(es, e, es0, ed0)
 
 
 def forward_into(x, weight, bias, L, U, e, route, y, scale=None):
@@ -80,38 +75,35 @@ def backward_rows_impl(dy, t, weight, L, U, e, rows, scale=None):
 
 
 def _fwd_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], L: torch.Tensor,
-              U: torch.Tensor, e: torch.Tensor, route: str, scale: Optional[torch.Tensor] = None,
-              es: Optional[torch.Tensor] = None, es0: Optional[torch.Tensor] = None,
-              ed0: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+              U: torch.Tensor, e: torch.Tensor, route: str,
+              scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     y = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
-    t = forward_into(x, weight, bias, L, U, _e(e, es, es0, ed0), route, y, scale)
+    t = forward_into(x, weight, bias, L, U, e, route, y, scale)
     return y, t
 
 
-def _fwd_fake(x, weight, bias, L, U, e, route, scale=None, es=None, es0=None, ed0=None):
+def _fwd_fake(x, weight, bias, L, U, e, route, scale=None):
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], L.shape[1]), dtype=shrink_dtype(x.dtype))
 
 
 def _bwd_impl(dy: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor,
-              e: torch.Tensor, route: str, scale: Optional[torch.Tensor] = None,
-              es: Optional[torch.Tensor] = None, es0: Optional[torch.Tensor] = None,
-              ed0: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+              e: torch.Tensor, route: str,
+              scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     dx = torch.empty((dy.shape[0], weight.shape[1]), device=dy.device, dtype=dy.dtype)
-    grad_e = backward_into(dy, t, weight, L, U, _e(e, es, es0, ed0), route, dx, scale)
+    grad_e = backward_into(dy, t, weight, L, U, e, route, dx, scale)
     return dx, grad_e
 
 
-def _bwd_fake(dy, t, weight, L, U, e, route, scale=None, es=None, es0=None, ed0=None):
+def _bwd_fake(dy, t, weight, L, U, e, route, scale=None):
     return dy.new_empty((dy.shape[0], weight.shape[1])), e.new_empty(e.shape)
 
 
 def _merge_impl(weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor, e: torch.Tensor,
-                scale: Optional[torch.Tensor] = None, es: Optional[torch.Tensor] = None,
-                es0: Optional[torch.Tensor] = None, ed0: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return merged_weight(weight, L, U, _e(e, es, es0, ed0), scale)
+                scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return merged_weight(weight, L, U, e, scale)
 
 
-def _merge_fake(weight, L, U, e, scale=None, es=None, es0=None, ed0=None):
+def _merge_fake(weight, L, U, e, scale=None):
     return torch.empty_like(weight, dtype=L.dtype if scale is not None else weight.dtype)
 
 
@@ -126,9 +118,3 @@ fwd_op = _register("loldu_triton::fwd", _fwd_impl, _fwd_fake)
 bwd_op = _register("loldu_triton::bwd", _bwd_impl, _bwd_fake)
 merge_op = _register("loldu_triton::merge", _merge_impl, _merge_fake)
 
-
-def e_operands(e):
-    """The registered ops' e arguments (e, es, es0, ed0) for e given as a tensor or as EParts."""
-    if isinstance(e, EParts):
-        return e.d, e.s, e.s0, e.d0
-    return e, None, None, None

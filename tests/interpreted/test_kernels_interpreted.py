@@ -1,5 +1,5 @@
 """The kernels under the Triton interpreter: every route, dtype, odd shape and layout against float64, element
-by element; poisoned outputs; the registered ops (torch.compile, opcheck); e from its parts.
+by element; poisoned outputs; the registered ops (torch.compile, opcheck); e exactly 0 at init.
 
 bf16 tl.dot is wrong in the interpreter, so bf16 runs through an fp32 upcast here (UPCAST), and the
 interpreter computes every tl.dot as an fp32 numpy matmul whatever input_precision says (tf32, tf32x3,
@@ -11,10 +11,10 @@ import pytest
 import torch
 from kernel_checks import NAN, mismatches, poison_intact, poisoned, references
 
-from loldu_triton.functional import shrink_dtype
-import loldu_triton.kernels.loldu_linear as k
+from loldu_triton.core.formulas import shrink_dtype
+import loldu_triton.kernels.launch as k
 from loldu_triton.kernels import configs
-from loldu_triton.kernels.common import EParts
+from loldu_triton.core.formulas import delta_diagonal
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -107,28 +107,19 @@ def test_routes_match_float64_and_write_exactly_their_outputs(case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_e_from_its_parts_matches_e_and_is_exact_at_init(dtype):
+def test_e_of_the_formula_is_exact_at_init_and_the_kernels_then_give_the_base(dtype):
     c = make_case(37, 45, 29, 5, dtype, False, seed=3)
     g = torch.Generator().manual_seed(4)
     s0, d0 = torch.tensor([0.8]), torch.randn(5, generator=g)
-    s, d = torch.tensor([1.1]), d0 + 0.3 * torch.randn(5, generator=g)
+    e0 = delta_diagonal(d0.clone(), s0.clone(), d0, s0)
+    assert torch.equal(e0, torch.zeros(5))
     args = (c["weight"], c["bias"], c["L"], c["U"])
-    e = s * d - s0 * d0
-    bad = []
     for route in ("side", "merged"):
-        y, t = k.forward(c["x"], *args, EParts(s, d, s0, d0), route=route)
-        dx, ge = k.backward(c["dy"], t, c["weight"], c["L"], c["U"], EParts(s, d, s0, d0), route=route)
-        ref = references(c["x"], c["weight"], c["bias"], c["L"], c["U"], e, c["dy"], t)
-        for name, out in (("y", y), ("dx", dx), ("grad_e", ge)):
-            bad += mismatches(out, *ref[name], dtype, f"{route} {name}")
-        # at init (s == s0, d == d0) e is exactly 0: the output is the base layer's, bit for bit
-        y0, _ = k.forward(c["x"], *args, EParts(s0, d0.clone(), s0.clone(), d0), route=route)
-        base, _ = k.forward(c["x"], *args, torch.zeros(5), route=route)
-        assert torch.equal(y0, base), route
-    bad += mismatches(k.merge(c["weight"], c["L"], c["U"], EParts(s, d, s0, d0)), *ref["merge"], dtype, "merge")
-    assert not bad, "\n".join(bad)
-    with pytest.raises(ValueError, match="EParts needs"):
-        k.forward(c["x"], *args, EParts(s, d, s0, d0[:3]))
+        y0, _ = k.forward(c["x"], *args, e0, route=route)
+        y_base, _ = k.forward(c["x"], *args, torch.zeros(5), route=route)
+        assert torch.equal(y0, y_base), route
+    with pytest.raises(ValueError, match="do not fit"):
+        k.forward(c["x"], *args, torch.zeros(3))
 
 
 def test_grad_e_sums_the_partials_of_every_m_tile():
@@ -166,9 +157,8 @@ def test_registered_ops_compile_opcheck_and_match_the_out_path():
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(*args, c["dy"])
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
 
-    parts = (torch.tensor([1.2]), c["e"], torch.tensor([1.0]), c["e"] * 0.5)
     for name, op_args in [("fwd", args + ("merged",)),
-                          ("fwd", args[:5] + (parts[1], "side", None, parts[0], parts[2], parts[3])),
+                          ("fwd", args + ("side", None)),
                           ("bwd", (c["dy"], t, c["weight"], c["L"], c["U"], c["e"], "side")),
                           ("merge", (c["weight"], c["L"], c["U"], c["e"]))]:
         report = torch.library.opcheck(getattr(torch.ops.loldu_triton, name).default, op_args)
@@ -185,7 +175,7 @@ def test_empty_batch_errors_and_strided_e():
         k.forward(*args, route="fast")
     with pytest.raises(TypeError, match="e must be float32"):
         k.forward(*args[:5], c["e"].double())
-    with pytest.raises(ValueError, match="need L"):
+    with pytest.raises(ValueError, match="do not fit"):
         k.forward(c["x"], c["weight"], None, c["L"][:, :3], c["U"], c["e"])
     e_strided = torch.stack([c["e"], -c["e"]], 1).reshape(-1)[::2]  # the same values with stride 2
     assert torch.equal(k.forward(*args[:5], e_strided)[0], k.forward(*args)[0])

@@ -5,9 +5,9 @@ import torch
 import torch.nn as nn
 from kernel_checks import mismatches, references
 
-import loldu_triton.kernels.loldu_linear as k
+import loldu_triton.kernels.launch as k
 from loldu_triton import LoLDULinear
-from loldu_triton.quant import dequantize, quantize_weight
+from loldu_triton.factors.quant import dequantize, quantize_weight
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

@@ -18,8 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .adapters import load_loldu, save_loldu
-from .api import add_loldu, get_loldu_params, merge_loldu
+from ..files.adapters import load_loldu, save_loldu
+from ..model.adapt import add_loldu, get_loldu_params
+from ..model.manage import merge_loldu
 
 HIDDEN = 256
 

@@ -9,131 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
-import re
 import sys
-import tempfile
 from pathlib import Path
 
-from ._version import __version__
+from .._version import __version__
+from . import arguments
 
 # ---------------------------------------------------------------------------------------------------------------
 # Values of one argument. Each raises ArgumentTypeError, which argparse prints as "argument --x: <message>".
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 2**64:  # what torch.manual_seed takes
-        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**64 - 1, got {text!r}")
-    return value
-
-
-def _comma_list(item, expected: str):
-    """A type for comma-separated values of `item` (which raises ValueError on a bad one)."""
-
-    def parse(text: str):
-        try:
-            return [item(v.strip()) for v in text.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-
-    return parse
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-def _dims(count: int):
-    def parse(text: str):
-        values = tuple(_positive(v) for v in text.lower().split("x"))
-        if len(values) != count:
-            raise ValueError(text)
-        return values
-
-    return parse
-
-
-def _rank(text: str):
-    return "full" if text == "full" else _positive(text)
-
-
-def _name(text: str) -> str:
-    if not text:
-        raise ValueError(text)
-    return text
-
-
-_shapes = _comma_list(_dims(3), "comma-separated MxKxN (tokens x in x out, positive integers, e.g. 2048x1024x1024)")
-_ranks = _comma_list(_rank, "comma-separated positive integers or 'full'")
-_counts = _comma_list(_positive, "comma-separated positive integers, e.g. 1,10,100")
-_names = _comma_list(_name, "comma-separated method names")
-
-
-def _batch(text: str):
-    try:
-        return _dims(2)(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected BxS (batch x sequence length, positive integers, e.g. 16x128), "
-                                         f"got {text!r}") from None
-
-
-def _device_name(text: str) -> str:
-    if text not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", text):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
-    return text
-
-
-def _arch(text: str) -> int:
-    if text not in ("90", "80"):
-        raise argparse.ArgumentTypeError(f"expected 90 (sm_90) or 80 (sm_80), got {text!r}")
-    return int(text)
-
-
-def _writable_dir(text: str) -> str:
-    """A folder that exists and takes a new file, or that can be made. Tried for real, with a temporary folder
-    in the nearest existing one, removed at once: os.access says yes to root where the filesystem says no."""
-    if not text:
-        raise argparse.ArgumentTypeError("expected a folder, got ''")
-    path = Path(text)
-    try:
-        there = path
-        while not there.exists():
-            there = there.parent  # ends at "." or "/", which exist
-        if not there.is_dir():
-            raise argparse.ArgumentTypeError(f"{str(there)!r} is a file, not a folder")
-        os.rmdir(tempfile.mkdtemp(dir=there))
-    except OSError as e:
-        raise argparse.ArgumentTypeError(f"cannot write into {text!r}: {e.strerror or e}") from None
-    return text
-
-
-def _writable_file(text: str) -> str:
-    if Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
-    _writable_dir(str(Path(text).parent))
-    return text
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# What depends on other arguments or on the machine: each subcommand's check, before any work.
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -275,7 +158,7 @@ def _bench(args) -> int:
 
 
 def _compile_check(args) -> int:
-    from .kernels.compile_check import main as check
+    from .compile_check import main as check
 
     return check(args.arch, scope=args.scope, json_path=args.json, jobs=args.jobs)
 
@@ -295,12 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         "results.json, results.md, accuracy_vs_params.png and adapters/ (each method's trained tensors; LoLDU's "
         "adapter folders) into --out.",
     )
-    demo.add_argument("--out", type=_writable_dir, default="./loldu-demo",
+    demo.add_argument("--out", type=arguments.writable_dir, default="./loldu-demo",
                       help="output folder, made if missing (default: ./loldu-demo)")
-    demo.add_argument("--epochs", type=_positive_int, default=30, help="adaptation epochs per method (default: 30)")
-    demo.add_argument("--pretrain-epochs", type=_positive_int, default=40, help="pretraining epochs (default: 40)")
-    demo.add_argument("--seed", type=_seed, default=0, help="seed for data split, init and batches (default: 0)")
-    demo.add_argument("--device", type=_device_name, default="auto",
+    demo.add_argument("--epochs", type=arguments.positive_int, default=30, help="adaptation epochs per method (default: 30)")
+    demo.add_argument("--pretrain-epochs", type=arguments.positive_int, default=40, help="pretraining epochs (default: 40)")
+    demo.add_argument("--seed", type=arguments.seed, default=0, help="seed for data split, init and batches (default: 0)")
+    demo.add_argument("--device", type=arguments.device_name, default="auto",
                       help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo, check=_check_demo, parser=demo)
@@ -317,28 +200,28 @@ def build_parser() -> argparse.ArgumentParser:
         "its range over rounds; 'noisy' names the ratios whose range holds another method's median, which this "
         "run cannot rank. Also: memory saved for backward (and peak GPU memory on CUDA).",
     )
-    bench.add_argument("--shapes", type=_shapes, default=None,
+    bench.add_argument("--shapes", type=arguments.shapes, default=None,
                        help="comma-separated MxKxN (tokens x in x out) (default: 2048x1024x1024 on CPU, "
                             "LLaMA-7B shapes on GPU; 1x64x64 for --inference)")
-    bench.add_argument("--ranks", type=_ranks, default=None,
+    bench.add_argument("--ranks", type=arguments.ranks, default=None,
                        help="comma-separated ranks, or 'full'; at most min(K, N) of every shape (default: 16 on "
                             "CPU, 16,64,256,1024,full on GPU; 16,full for --inference; 16,64,256 for --model; 16 "
                             "for --adapter-counts, which takes one)")
     bench.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                        help="dtype of the layers and inputs (default: float32 on CPU and for --inference, "
                             "bfloat16 on GPU)")
-    bench.add_argument("--device", type=_device_name, default="auto",
+    bench.add_argument("--device", type=arguments.device_name, default="auto",
                        help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
-    bench.add_argument("--repeats", type=_positive_int, default=None,
+    bench.add_argument("--repeats", type=arguments.positive_int, default=None,
                        help="interleaved rounds per case, each one timed sample of every method (default: 15 on "
                             "CPU, 3 on CUDA; 21 for --inference, 5 for --model, 9 for --adapter-counts)")
-    bench.add_argument("--methods", type=_names, default=None,
+    bench.add_argument("--methods", type=arguments.names, default=None,
                        help="comma-separated subset of: linear, loldu (Triton on GPU), loldu_torch (the PyTorch "
                             "path, GPU only), loldu_int8 and loldu_fp8 (quantized base), loldu_unfused, seed_param, "
                             "peft_lora, peft_vera; with --model: base, loldu, peft_lora, peft_vera. The floor "
                             "(linear, base) is always timed (default: all; PEFT's where installed)")
     modes = bench.add_mutually_exclusive_group()
-    modes.add_argument("--adapter-counts", type=_counts, default=None,
+    modes.add_argument("--adapter-counts", type=arguments.counts, default=None,
                        help="instead of the layer table: time one batch (as many rows as the largest count, "
                             "8 tokens each, K = N = 1024 on CPU, 4096 on GPU) whose rows use 1, 10, ... different "
                             "adapters, against one adapter; e.g. 1,10,100,1000 (default: off)")
@@ -351,14 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "llama: a 4-layer Llama of width 512) with every attention and MLP Linear adapted: "
                             "the frozen base, LoLDU, PEFT LoRA and VeRA at each rank: step time and its ratio to "
                             "the frozen base, trainable values, peak memory (default: off)")
-    bench.add_argument("--batch", type=_batch, default=None, metavar="BxS",
+    bench.add_argument("--batch", type=arguments.batch, default=None, metavar="BxS",
                        help="batch x sequence length for --model (default: 16x128 for minilm, 8x128 for llama)")
     bench.add_argument("--no-memory", action="store_true",
                        help="--model without the peak-memory column (it runs each method in a process of its own)")
     modes.add_argument("--inference", action="store_true",
                        help="instead of the layer table: the per-call time of LoLDULinear without autograd "
                             "(torch.no_grad) against nn.Linear on the CPU")
-    bench.add_argument("--out", type=_writable_dir, default="./loldu-bench",
+    bench.add_argument("--out", type=arguments.writable_dir, default="./loldu-bench",
                        help="output folder for CSV, markdown and PNG, made if missing; each case's rows are "
                             "written as soon as they are measured (default: ./loldu-bench)")
     bench.set_defaults(func=_bench, check=_check_bench, parser=bench)
@@ -372,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         "memory over the target's limit, spills in fp16/bf16, no tensor-core instruction, no wgmma in a 2-byte "
         "GEMM tile on sm_90. Exits 1 if any. On a GPU machine it also fills Triton's cache for the JIT.",
     )
-    check.add_argument("--arch", type=_arch, default=90, help="compute capability: 90 or 80 (default: 90)")
-    check.add_argument("--json", type=_writable_file, default=None, metavar="FILE",
+    check.add_argument("--arch", type=arguments.arch, default=90, help="compute capability: 90 or 80 (default: 90)")
+    check.add_argument("--json", type=arguments.writable_file, default=None, metavar="FILE",
                        help="write one JSON record per variant to FILE (default: none)")
     check.add_argument("--quick", action="store_true",
                        help="only the widest operands of each dtype class (bf16 with fp32 factors, fp32), side "
@@ -382,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="full: every dtype, factor dtype, quantized base and route; quick: as --quick; "
                             "gpu-check: what benchmarks/gpu_check.sh runs, to compile it ahead in parallel "
                             "(default: full)")
-    check.add_argument("--jobs", type=_positive_int, default=1, help="compile in this many processes (default: 1)")
+    check.add_argument("--jobs", type=arguments.positive_int, default=1, help="compile in this many processes (default: 1)")
     check.set_defaults(func=_compile_check, check=_check_compile_check, parser=check)
     return parser
 

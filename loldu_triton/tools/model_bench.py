@@ -28,7 +28,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn as nn
 
-from .bench import Clock, calibrate, machine, sample, spread, unranked
+from .timing import Clock, calibrate, machine, sample, spread, unranked
 
 METHODS = ("base", "loldu", "peft_lora", "peft_vera")
 
@@ -69,7 +69,7 @@ def adapt(base: nn.Module, method: str, rank: int) -> nn.Module:
     if method == "base":
         return model
     if method == "loldu":
-        from .api import add_loldu, get_loldu_params
+        from ..model.adapt import add_loldu, get_loldu_params
 
         add_loldu(model, rank=rank)
         for p in get_loldu_params(model):

@@ -1,6 +1,6 @@
 """Per-call cost without autograd (decode: M = 1 row a call): LoLDULinear unmerged against the frozen nn.Linear,
 in interleaved rounds, each ratio the median of per-round ratios. A call of a small layer takes microseconds,
-so each sample times as many calls as last bench.SAMPLE_MS (calibrated per layer)."""
+so each sample times as many calls as last timing.SAMPLE_MS (calibrated per layer)."""
 from __future__ import annotations
 
 import statistics
@@ -10,8 +10,8 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
-from .bench import Clock, calibrate, machine, sample, spread, unranked
-from .layer import LoLDULinear
+from .timing import Clock, calibrate, machine, sample, spread, unranked
+from ..layers.linear import LoLDULinear
 
 HEADER = ["| M | K x N | r | dtype | nn.Linear us/call | LoLDULinear us/call | ratio | range over rounds | noisy | "
           "rounds x calls (nn.Linear, LoLDULinear) |", "|---:|---|---:|---|---:|---:|---:|---|---|---|"]

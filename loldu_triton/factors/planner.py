@@ -33,6 +33,8 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple, Optional
 
+import torch
+
 # DRAM bytes one flop costs, as flops: GPU tensor cores (A100 312 TFLOP/s / 2.0 TB/s, H200 990 / 4.8),
 # a few CPU cores (~100 GFLOP/s fp32 / ~20 GB/s).
 BYTE_FLOPS = {"cuda": 150.0, "cpu": 5.0}
@@ -65,6 +67,14 @@ def plan(M: int, K: int, N: int, r: int, itemsize: int = 2, device_type: str = "
 
     The backward GEMM dX = dY W runs from N to K features: call plan(M, N, K, r) for it.
     """
+    # Called on every training call with few distinct shapes: cached, but not under torch.compile, which would
+    # trace through the cache wrapper (dynamo warns about lru_cache).
+    return (_plan if torch.compiler.is_compiling() else _plan_cached)(M, K, N, r, itemsize, device_type,
+                                                                      fused_epilogue)
+
+
+def _plan(M: int, K: int, N: int, r: int, itemsize: int = 2, device_type: str = "cuda",
+          fused_epilogue: bool = True) -> str:
     f, passes, launch = _constants(itemsize, device_type, fused_epilogue)
     side = 2.0 * M * r * N + f * ((M + N) * r + passes * M * N)
     merged = 2.0 * r * K * N + f * (2.0 * K * N + r * (K + N)) + launch
@@ -75,17 +85,22 @@ def side_rows(K: int, N: int, r: int, itemsize: int = 2, device_type: str = "cud
               fused_epilogue: bool = True) -> int:
     """The most rows for which plan() picks the side route (its costs are linear in M: one crossover)."""
     lo, hi = 0, 1
-    while hi < 2**62 and plan(hi, K, N, r, itemsize, device_type, fused_epilogue) == "side":
+    while hi < 2**62 and _plan(hi, K, N, r, itemsize, device_type, fused_epilogue) == "side":
         lo, hi = hi, 2 * hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if plan(mid, K, N, r, itemsize, device_type, fused_epilogue) == "side" else (lo, mid)
+        lo, hi = (mid, hi) if _plan(mid, K, N, r, itemsize, device_type, fused_epilogue) == "side" else (lo, mid)
     return lo
 
 
 def plan_step(M: int, K: int, N: int, r: int, itemsize: int = 2, device_type: str = "cuda",
               fused_epilogue: bool = True, need_dx: bool = True, need_grad_e: bool = True) -> StepPlan:
     """The cheapest StepPlan of a forward and backward over M rows (x: M x K, W: N x K, rank r)."""
+    return (_plan_step if torch.compiler.is_compiling() else _plan_step_cached)(
+        M, K, N, r, itemsize, device_type, fused_epilogue, need_dx, need_grad_e)
+
+
+def _plan_step(M, K, N, r, itemsize, device_type, fused_epilogue, need_dx, need_grad_e) -> StepPlan:
     f, passes, launch = _constants(itemsize, device_type, fused_epilogue)
 
     def gemm(m, k, n):
@@ -119,8 +134,5 @@ def plan_step(M: int, K: int, N: int, r: int, itemsize: int = 2, device_type: st
     return best
 
 
-# Both are called on every training call with few distinct shapes: cached. torch.compile traces the plain
-# functions (plan_uncached, plan_step_uncached): dynamo warns about lru_cache wrappers.
-plan_uncached, plan_step_uncached = plan, plan_step
-plan = functools.lru_cache(maxsize=4096)(plan)
-plan_step = functools.lru_cache(maxsize=4096)(plan_step)
+_plan_cached = functools.lru_cache(maxsize=4096)(_plan)
+_plan_step_cached = functools.lru_cache(maxsize=4096)(_plan_step)

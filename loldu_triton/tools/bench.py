@@ -3,20 +3,18 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import math
-import os
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .layer import LoLDULinear
+from ..layers.linear import LoLDULinear
+from .peers import build_methods, saved_bytes
+from .timing import SAMPLE_MS, Clock, calibrate, machine, ratio_cell, sample, spread, unranked
 
 CPU_SHAPES = [(2048, 1024, 1024)]
 # Peak dense FLOP/s per activation dtype and DRAM bytes/s of the SXM parts (vendor datasheets). float32 is the
@@ -31,114 +29,6 @@ METHODS = ("linear", "loldu", "loldu_torch", "loldu_int8", "loldu_fp8", "loldu_u
            "peft_vera")
 # K x N of the layer that `--adapter-counts` times
 ADAPTER_BATCH_SHAPE = {"cpu": (1024, 1024), "cuda": (4096, 4096)}
-
-
-class UnfusedLoLDU(nn.Module):
-    """LoLDU written with plain autograd ops: the PyTorch form without a custom backward."""
-
-    def __init__(self, layer: LoLDULinear):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        m = self.layer
-        return F.linear(x, m.weight, m.bias) + ((x @ m.U.T) * m.loldu_scale().to(x.dtype)) @ m.L.T
-
-
-class SeedParametrization(nn.Module):
-    """What the reference code does: a dense out x out P, W rebuilt from the residual on every forward."""
-
-    def __init__(self, layer: LoLDULinear):
-        super().__init__()
-        m = layer
-        self.bias = m.bias
-        P = torch.zeros(m.out_features, m.out_features, dtype=m.weight.dtype, device=m.weight.device)
-        rows = m.pivots
-        taken = set(rows.tolist())
-        # L in elimination order (P^T L): the pivot rows first, then the rest
-        rest = torch.tensor([i for i in range(m.out_features) if i not in taken], dtype=torch.long, device=rows.device)
-        order = torch.cat([rows, rest])
-        P[order, torch.arange(m.out_features, device=rows.device)] = 1
-        self.register_buffer("P", P)
-        self.register_buffer("L_elim", m.L[order])
-        self.register_buffer("U", m.U)
-        self.register_buffer("W_res", m.weight - m.L @ (m.d0.to(m.weight.dtype)[:, None] * m.U) * m.s0.item())
-        self.z = nn.Parameter(m.d.detach().clone())
-        self.sigma = nn.Parameter(m.s.detach().clone())
-
-    def forward(self, x):
-        delta = self.P @ (self.L_elim @ ((self.sigma * self.z).to(x.dtype)[:, None] * self.U))
-        return F.linear(x, self.W_res + delta, self.bias)
-
-
-def _peft_module(kind: str, base: nn.Linear, rank: int) -> Optional[nn.Module]:
-    try:
-        import peft
-    except ImportError:
-        return None
-
-    class Wrapper(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = base
-
-        def forward(self, x):
-            return self.proj(x)
-
-    config = (peft.LoraConfig(r=rank, target_modules=["proj"]) if kind == "lora"
-              else peft.VeraConfig(r=rank, target_modules=["proj"]))
-    return peft.get_peft_model(Wrapper(), config)
-
-
-def build_methods(K: int, N: int, rank: int, dtype, device, wanted) -> Dict[str, nn.Module]:
-    torch.manual_seed(0)
-    base = nn.Linear(K, N, device=device, dtype=dtype)
-    base.requires_grad_(False)
-    layer = LoLDULinear.from_linear(base, rank)
-    with torch.no_grad():  # a trained state, so no path can shortcut e == 0
-        layer.d.mul_(1.01)
-
-    def quantized(kind):
-        if kind == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-            return None
-        q = LoLDULinear.from_parametrization(base, layer)
-        q.quantize_base(kind)
-        return q
-
-    candidates: Dict[str, Callable[[], Optional[nn.Module]]] = {
-        "linear": lambda: base,
-        "loldu": lambda: layer,
-        # the PyTorch path of the same layer; on CPU it is what "loldu" runs already
-        "loldu_torch": lambda: LoLDULinear.from_parametrization(base, layer, backend="torch")
-        if device.type != "cpu" else None,
-        "loldu_int8": lambda: quantized("int8"),
-        "loldu_fp8": lambda: quantized("fp8"),
-        "loldu_unfused": lambda: UnfusedLoLDU(layer),
-        "seed_param": lambda: SeedParametrization(layer),
-        "peft_lora": lambda: _peft_module("lora", base, rank),
-        "peft_vera": lambda: _peft_module("vera", base, rank),
-    }
-    out = {}
-    for name in wanted:
-        module = candidates[name]()
-        if module is not None:
-            out[name] = module
-    return out
-
-
-def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd keeps for backward beyond the module's own parameters and buffers (x counts)."""
-    own = {t.data_ptr() for t in list(module.parameters()) + list(module.buffers())}
-    seen: Dict[int, int] = {}
-
-    def pack(t):
-        if t.data_ptr() not in own:
-            seen[t.data_ptr()] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return sum(seen.values())
 
 
 @dataclass
@@ -171,124 +61,6 @@ class Result:
     # roofline of this shape on a named GPU (see ideal_ms): frozen layer and LoLDU, forward + input gradient
     ideal_floor_ms: float = float("nan")
     ideal_loldu_ms: float = float("nan")
-
-
-# Each timed sample lasts at least this long in each of its phases: far above the clock's resolution (1 ns for
-# perf_counter, ~0.5 us for CUDA events) and several scheduler ticks of a shared machine, so a small layer's
-# sample is many calls. Tests lower it to run in seconds.
-SAMPLE_MS = {"cpu": 25.0, "cuda": 50.0}
-MAX_CALLS = 100_000
-
-
-class Clock:
-    """Marks on the device's timeline: perf_counter on the CPU, CUDA events on a GPU (read after one
-    synchronize, as do_bench does). A duration is a later mark less an earlier one, so it is never negative."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def ms(self, start, end) -> float:
-        return start.elapsed_time(end) if self.cuda else 1e3 * (end - start)
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-
-def time_calls(phases, calls: int, clock: Clock, reset: Optional[Callable[[], None]] = None) -> List[float]:
-    """Milliseconds per call of each phase, summed over `calls` calls of the phases in order (a phase gets what
-    the one before returned; the first gets nothing); `reset` runs after each call, outside the timed spans.
-    So backward is timed on its own, its forward just before it but outside its span."""
-    if len(phases) == 1 and reset is None:  # one span around the loop: no mark inside it
-        start = clock.mark()
-        for _ in range(calls):
-            phases[0]()
-        end = clock.mark()
-        clock.sync()
-        totals = [clock.ms(start, end)]
-    else:
-        marks = []
-        for _ in range(calls):
-            row = [clock.mark()]
-            out = phases[0]()
-            row.append(clock.mark())
-            for phase in phases[1:]:
-                out = phase(out)
-                row.append(clock.mark())
-            marks.append(row)
-            if reset is not None:
-                reset()
-        clock.sync()
-        totals = [sum(clock.ms(row[k], row[k + 1]) for row in marks) for k in range(len(phases))]
-    per_call = [t / calls for t in totals]
-    if not all(t > 0 for t in per_call):  # spans between marks of a monotonic clock: a broken clock otherwise
-        raise RuntimeError(f"a measured time is not positive: {per_call} ms")
-    return per_call
-
-
-def calibrate(phases, clock: Clock, reset=None, target_ms: Optional[float] = None) -> int:
-    """Calls per chunk of a sample, after two warm-up calls (compiles, autotuning, caches). On the CPU one: the
-    sample reads the clock after every call. CUDA events are read after a synchronize, so there a chunk is as
-    many calls as make each phase last target_ms (the faster of two tries: one stall does not shorten it)."""
-    time_calls(phases, 2, clock, reset)
-    if not clock.cuda:
-        return 1
-    target = SAMPLE_MS[clock.device.type] if target_ms is None else target_ms
-    calls = 1
-    while True:
-        shortest = calls * min(min(time_calls(phases, calls, clock, reset)) for _ in range(2))
-        if shortest >= target or calls >= MAX_CALLS:
-            return calls
-        calls = min(MAX_CALLS, max(2 * calls, math.ceil(1.2 * calls * target / shortest)))
-
-
-def sample(phases, calls: int, clock: Clock, reset=None, target_ms: Optional[float] = None):
-    """One timed sample: chunks of `calls` calls (see calibrate) until each phase has lasted target_ms in all,
-    whether the machine runs slower or faster than at calibration. Returns (ms per call of each phase, calls)."""
-    target = SAMPLE_MS[clock.device.type] if target_ms is None else target_ms
-    totals, count = [0.0] * len(phases), 0
-    while True:
-        per_call = time_calls(phases, calls, clock, reset)
-        totals = [t + calls * p for t, p in zip(totals, per_call)]
-        count += calls
-        if min(totals) >= target or count >= MAX_CALLS:
-            return [t / count for t in totals], count
-
-
-def spread(values: List[float]) -> Tuple[float, float, float]:
-    """Median, min and max of per-round values."""
-    return statistics.median(values), min(values), max(values)
-
-
-def unranked(ratios: Dict[str, List[float]]) -> Dict[str, bool]:
-    """Per method: whether the range (min to max) of its per-round ratios holds another method's median ratio
-    (the floor's is 1), so that this run cannot tell which of the two is faster."""
-    medians = {name: statistics.median(v) for name, v in ratios.items()}
-    return {name: any(min(v) <= medians[other] <= max(v) for other in ratios if other != name)
-            for name, v in ratios.items()}
-
-
-def machine(device: torch.device) -> str:
-    """What the times were measured on, for the line above each table: on a shared CPU the load average next to
-    the core count says why rows are noisy."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    return (f"CPU: {torch.get_num_threads()} torch threads, {os.cpu_count()} cores{load}, "
-            f"torch {torch.__version__}")
-
-
-def ratio_cell(median: float, low: float, high: float) -> str:
-    """A ratio and its range over rounds, as every table prints it: 1.130 (1.051-1.302)."""
-    return f"{median:.3f} ({low:.3f}-{high:.3f})"
 
 
 def _noisy_column(r: "Result") -> str:
@@ -359,7 +131,7 @@ def bench_case(M, K, N, rank, dtype, device, wanted, rounds) -> List[Result]:
 def bench_adapter_batch(batch: int, tokens: int, K: int, N: int, rank: int, counts, dtype, device, rounds: int):
     """Forward time of one batch whose rows use `count` different adapters, against the same batch with one
     adapter, measured in interleaved rounds (median and range of per-round ratios). Returns markdown rows."""
-    from .api import adapter_batch
+    from ..model.manage import adapter_batch
 
     torch.manual_seed(0)
     layer = LoLDULinear.from_base(nn.Linear(K, N, device=device, dtype=dtype), rank)

@@ -1,22 +1,43 @@
-"""One validation of LoLDU's settings, shared by every entry point (layers, add_loldu, adapter files), and
-LoLDUConfig, the object that carries them.
+"""One validation of LoLDU's settings, shared by every entry point (layers, add_loldu, adapter files, configs).
 
 Each check returns the value in its canonical type or raises an error that names the argument and the caller
 (``where``: a layer, a function or a file). Nothing is coerced silently: 2.7, "3" and True are not ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import operator
+import os
 import re
+import sys
 import warnings
-from dataclasses import dataclass
-from typing import List, Optional, Union
+
+import torch
 
 INITS = ("lu", "uniform", "normal", "constant")
 BACKENDS = ("auto", "torch", "triton")
-QUANTIZATION_KINDS = ("int8", "fp8")
+# Weight-only quantizations of a frozen base: storage dtype and largest code (see factors.quant).
+QUANTIZATIONS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
+QUANTIZATION_KINDS = tuple(QUANTIZATIONS)
+QUANTIZED_DTYPES = tuple(dtype for dtype, _ in QUANTIZATIONS.values())
+
+
+# Frames skipped when a warning looks for the user's line: this package's, and torch's and contextlib's between
+# them and the user (a module's __call__, load_state_dict, a with statement).
+_LIBRARY_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+                 os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+_CONTEXTLIB = os.path.abspath(contextlib.__file__)
+
+
+def warn_caller(message, category=UserWarning) -> None:
+    """warnings.warn pointing at the first line outside this library: the user's own call."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(_LIBRARY_DIRS)
+                                 or frame.f_code.co_filename == _CONTEXTLIB):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)
 
 
 def _is_int(value) -> bool:
@@ -81,6 +102,16 @@ def check_settings(where: str, rank, alpha, init, init_seed, shape=None, allow_f
             check_init_seed(init_seed, where))
 
 
+def check_adapter_name(name, where: str, allow_none: bool = False):
+    """A non-empty string (or None where ``allow_none``: the trainable adapter, whatever its name)."""
+    if allow_none and name is None:
+        return None
+    if not isinstance(name, str) or not name:
+        wanted = "None or a non-empty string" if allow_none else "a non-empty string"
+        raise ValueError(f"{where}: adapter_name must be {wanted}, got {name!r}")
+    return name
+
+
 def is_finite_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
@@ -120,14 +151,14 @@ def clamp_rank(rank, shape, where: str) -> int:
     naming ``where`` when it had to be lowered; "full" is min(out, in) without one."""
     full = min(shape)
     if _is_int(rank) and rank > full:
-        warnings.warn(RankClampWarning(where, shape, rank), stacklevel=3)
+        warn_caller(RankClampWarning(where, shape, rank))
         return full
     rank = check_rank(rank, where, shape, allow_full=True)  # (an error here names the weight's limits)
     return full if rank == "full" else rank
 
 
-# Each field of LoLDUConfig and its check (value, where) -> canonical value.
-_CONFIG_CHECKS = {
+# The fields of LoLDUConfig (and of an adapter file's settings) and each one's check (value, where) -> value.
+FIELD_CHECKS = {
     "rank": lambda v, where: check_rank(v, where, allow_full=True),
     "alpha": check_alpha,
     "init": check_init,
@@ -138,58 +169,17 @@ _CONFIG_CHECKS = {
 }
 
 
-@dataclass
-class LoLDUConfig:
-    """The settings of a LoLDU adapter, as PEFT's LoraConfig gathers LoRA's.
+def check_fields(data, where: str) -> dict:
+    """{field: checked value} of a dict of LoLDUConfig fields; unknown fields and invalid values are errors that
+    name ``where`` (a file, say) and the field."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: a LoLDU config must be a dict, got {type(data).__name__}")
+    unknown = sorted(str(k) for k in data if k not in FIELD_CHECKS)
+    if unknown:
+        raise ValueError(f"{where}: unknown LoLDU config fields {unknown}; fields: {sorted(FIELD_CHECKS)}")
+    return {name: FIELD_CHECKS[name](value, where) for name, value in data.items()}
 
-    - rank: the number of pivots per layer (an int, or "full": each layer's min(out, in)); a rank a layer
-      cannot hold is lowered to its full rank with a warning.
-    - alpha: e's initial scale is alpha / rank; None means alpha = rank (scale 1, the paper's setting).
-    - init: the initial diagonal, one of INITS; init_seed seeds the random ones.
-    - target_modules: None (every nn.Linear), "all-linear" (all but the output layer), a list of layer names
-      (suffix match) or a regex (full match); names and regexes may pick nn.Conv2d and nn.Embedding too.
-    - base_quantization: None, "int8" or "fp8": keep each adapted nn.Linear's frozen weight quantized.
-    - backend: "auto", "torch" or "triton" (a runtime choice; adapter files do not record it).
 
-    Every field is checked when set, at construction and after it: a config that exists is a valid one.
-    """
-
-    rank: Union[int, str] = 8
-    alpha: Optional[float] = None
-    init: str = "lu"
-    init_seed: int = 0
-    target_modules: Union[None, str, List[str]] = None
-    base_quantization: Optional[str] = None
-    backend: str = "auto"
-
-    def __setattr__(self, name, value):
-        check = _CONFIG_CHECKS.get(name)
-        if check is None:
-            raise AttributeError(f"LoLDUConfig has no field {name!r}; fields: {sorted(_CONFIG_CHECKS)}")
-        object.__setattr__(self, name, check(value, "LoLDUConfig"))
-
-    def to_dict(self) -> dict:
-        """The fields as plain JSON values (a new list for target_modules)."""
-        data = {name: getattr(self, name) for name in _CONFIG_CHECKS}
-        if isinstance(data["target_modules"], list):
-            data["target_modules"] = list(data["target_modules"])
-        return data
-
-    @classmethod
-    def from_dict(cls, data, where: str = "LoLDUConfig.from_dict") -> "LoLDUConfig":
-        """A config from ``to_dict``'s output. Missing fields take their defaults; unknown fields and invalid
-        values are errors that name ``where`` (a file, say) and the field."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{where}: a LoLDU config must be a dict, got {type(data).__name__}")
-        unknown = sorted(str(k) for k in data if k not in _CONFIG_CHECKS)
-        if unknown:
-            raise ValueError(f"{where}: unknown LoLDU config fields {unknown}; fields: {sorted(_CONFIG_CHECKS)}")
-        return cls(**{name: _CONFIG_CHECKS[name](value, where) for name, value in data.items()})
-
-    @classmethod
-    def from_pretrained(cls, directory) -> "LoLDUConfig":
-        """The config an adapter directory (written by save_loldu) was trained with: add_loldu with it on the
-        same base adapts the same layers with the same settings. The file is checked as load_loldu checks it."""
-        from .adapters import read_adapter_config
-
-        return read_adapter_config(directory)
+# Unit roundoff of each precision a base weight can have (its dtype, or its quantization).
+ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8,
+            "int8": 2.0**-6, "fp8": 2.0**-4}

@@ -8,14 +8,14 @@ Trainer itself still writes its usual checkpoint (the whole model, optimizer and
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Optional
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .adapters import save_loldu
+from ..core.settings import check_adapter_name, warn_caller
+from ..files.adapters import save_loldu
 
 
 class LoLDUCheckpointCallback(TrainerCallback):
@@ -23,10 +23,7 @@ class LoLDUCheckpointCallback(TrainerCallback):
     folder Trainer writes, ``<output_dir>/checkpoint-<step>/``, on the main process only."""
 
     def __init__(self, adapter_name: Optional[str] = None):
-        if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name):
-            raise ValueError(f"LoLDUCheckpointCallback: adapter_name must be None or a non-empty string, got "
-                             f"{adapter_name!r}")
-        self.adapter_name = adapter_name
+        self.adapter_name = check_adapter_name(adapter_name, "LoLDUCheckpointCallback", allow_none=True)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         """Trainer calls this right after it wrote a checkpoint."""
@@ -34,7 +31,7 @@ class LoLDUCheckpointCallback(TrainerCallback):
             return
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if not folder.is_dir():  # (a hyperparameter search writes into run-* subfolders)
-            warnings.warn(f"LoLDUCheckpointCallback: no checkpoint folder {folder}; the LoLDU adapter of step "
-                          f"{state.global_step} was not saved", stacklevel=2)
+            warn_caller(f"LoLDUCheckpointCallback: no checkpoint folder {folder}; the LoLDU adapter of step "
+                        f"{state.global_step} was not saved")
             return
         save_loldu(model, folder, adapter_name=self.adapter_name)

@@ -8,12 +8,11 @@ may differ in the last float64 bits, far below the precision of the layer's dtyp
 from __future__ import annotations
 
 import hashlib
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-from .config import check_init, check_rank
+from ..core.settings import check_init, check_rank, warn_caller
 
 # A pivot whose row would need entries of U larger than this is treated as unusable: such a direction is
 # numerically dominated by cancellation, and the bound keeps U finite even in float16 (max 65504).
@@ -92,42 +91,9 @@ def ldu_factors(weight: torch.Tensor, rank: int, name: str = "weight") -> LDUFac
 def warn_if_rank_deficient(factors: LDUFactors, name: str) -> None:
     rank = factors.D.numel()
     if factors.usable_rank < rank:
-        warnings.warn(
-            f"{name}: weight has usable rank {factors.usable_rank} of the requested {rank} "
-            f"(zero or tiny pivots); the other {rank - factors.usable_rank} directions use unit factors "
-            f"with a zero initial diagonal",
-            stacklevel=3,
-        )
-
-
-def weight_checksum(weight: torch.Tensor) -> str:
-    """sha256 of the weight's bytes in its own dtype (the identity of a base weight)."""
-    data = weight.detach().to("cpu").contiguous().view(torch.uint8).numpy()
-    return hashlib.sha256(data.tobytes()).hexdigest()
-
-
-SKETCH_PROBES = 8
-
-
-def weight_sketch(weight: torch.Tensor) -> torch.Tensor:
-    """[||W||_F, u_1^T W v_1, ..., u_k^T W v_k] in float64 for fixed Gaussian probes (seeded by the shape).
-
-    It sees every entry, where the pivots see only the first rank columns: a base whose other columns changed
-    moves it by ~||delta W||_F, while a dtype cast of the same weight moves it by about that dtype's rounding.
-    """
-    w = weight.detach()
-    out_f, in_f = w.shape
-    gen = torch.Generator().manual_seed(out_f * 1_000_003 + in_f)
-    u = torch.randn(out_f, SKETCH_PROBES, generator=gen, dtype=torch.float64).to(w.device)
-    v = torch.randn(in_f, SKETCH_PROBES, generator=gen, dtype=torch.float64).to(w.device)
-    sketch = torch.zeros(SKETCH_PROBES + 1, dtype=torch.float64, device=w.device)
-    step = max(1, (1 << 23) // max(in_f, 1))  # rows per chunk: at most 64 MB of float64 at a time
-    for start in range(0, out_f, step):
-        chunk = w[start:start + step].to(torch.float64)
-        sketch[0] += chunk.pow(2).sum()
-        sketch[1:] += ((chunk @ v) * u[start:start + step]).sum(0)
-    sketch[0] = sketch[0].sqrt()
-    return sketch.cpu()
+        warn_caller(f"{name}: weight has usable rank {factors.usable_rank} of the requested {rank} "
+                    f"(zero or tiny pivots); the other {rank - factors.usable_rank} directions use unit factors "
+                    f"with a zero initial diagonal")
 
 
 def initial_diagonal(D: torch.Tensor, init: str, seed: int, name: str = "weight") -> torch.Tensor:

@@ -21,9 +21,8 @@ from typing import List, Optional
 
 import torch
 
-from . import common, configs
-from ..functional import shrink_dtype
-from .common import EParts
+from ..core.formulas import shrink_dtype
+from ..kernels import common, configs
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 QUANT = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -74,19 +73,17 @@ def _operands(M, K, N, r, dtype, factor_dtype, quant):
 
 LAYER_ROUTES = ("side", "side-nobias", "side-bwd", "merged", "merged-bwd")  # what LoLDULinear calls
 ROWS_ROUTES = ("rows", "rows-bwd")  # many adapters in one batch
-EPARTS_ROUTES = ("eparts", "eparts-bwd", "eparts-merge")  # e formed in the kernels
 SCOPES = ("full", "quick", "gpu-check")
 
 
 def _calls(o):
     """Every way the routes call the kernels on these operands, by name."""
-    from . import ops
+    from ..kernels import ops
 
     x, dy, W, b, L, U, e, sc = (o[k] for k in ("x", "dy", "weight", "bias", "L", "U", "e", "scale"))
     M, N = x.shape[0], W.shape[0]
     t = torch.empty((M, L.shape[1]), dtype=shrink_dtype(x.dtype), device="meta")
     y, dx = torch.empty((M, N), dtype=x.dtype, device="meta"), torch.empty_like(x)
-    parts = EParts(e[:1], e, e[:1], e)
     return {
         "side": lambda: ops.forward_into(x, W, b, L, U, e, "side", y, sc),
         "side-nobias": lambda: ops.forward_into(x, W, None, L, U, e, "side", y, sc),
@@ -95,9 +92,6 @@ def _calls(o):
         "merged-bwd": lambda: ops.backward_into(dy, t, W, L, U, e, "merged", dx, sc),
         "rows": lambda: ops.forward_rows_impl(x, W, b, L, U, o["table"], o["rows"], sc),
         "rows-bwd": lambda: ops.backward_rows_impl(dy, t, W, L, U, o["table"], o["rows"], sc),
-        "eparts": lambda: ops.forward_into(x, W, b, L, U, parts, "side", y, sc),
-        "eparts-bwd": lambda: ops.backward_into(dy, t, W, L, U, parts, "side", dx, sc),
-        "eparts-merge": lambda: ops.forward_into(x, W, b, L, U, parts, "merged", y, sc),
     }
 
 
@@ -107,8 +101,8 @@ def _scenarios(arch, scope):
     full: every dtype, with its own or fp32 factors, every quantized base, every route, both fp32 precisions.
     quick (CI): the widest operands of each dtype class (bf16 with fp32 factors, fp32), side and merged routes,
       and the merge in bf16: every autotune config the target offers for 2-byte and fp32 operands appears.
-    gpu-check: what benchmarks/gpu_check.sh runs: the layer's routes in every dtype, bf16 also with e from its
-      parts and over int8/fp8 bases."""
+    gpu-check: what benchmarks/gpu_check.sh runs: the layer's routes in every dtype, bf16 also over int8/fp8
+      bases."""
     if scope == "quick":
         for (dname, fname), shape in itertools.product([("bfloat16", "float32"), ("float32", "float32")],
                                                         ("prefill", "decode")):
@@ -120,19 +114,18 @@ def _scenarios(arch, scope):
     for dname, shape in itertools.product(DTYPES, SHAPES):
         for r in SHAPES[shape][3]:
             if scope == "gpu-check":
-                yield dname, dname, None, shape, r, "highest", LAYER_ROUTES + (
-                    EPARTS_ROUTES if dname == "bfloat16" else ())
+                yield dname, dname, None, shape, r, "highest", LAYER_ROUTES
                 if dname == "bfloat16":
                     for quant in quants:
                         yield dname, dname, quant, shape, r, "highest", LAYER_ROUTES
                 continue
             everything = LAYER_ROUTES + ROWS_ROUTES
             for fname in sorted({dname, "float32"}):
-                yield dname, fname, None, shape, r, "highest", everything + EPARTS_ROUTES
+                yield dname, fname, None, shape, r, "highest", everything
             for quant in quants:
                 yield dname, dname, quant, shape, r, "highest", everything
             if dname == "float32":  # tf32 allowed: plain tf32 dots instead of 3xTF32
-                yield dname, dname, None, shape, r, "high", everything + EPARTS_ROUTES
+                yield dname, dname, None, shape, r, "high", everything
 
 
 def launches(arch, scope="full"):
@@ -156,7 +149,7 @@ def launches(arch, scope="full"):
 
 
 def _kernel_name(kernel):
-    from . import gemm, merge, shrink
+    from ..kernels import gemm, merge, shrink
 
     return {id(gemm.gemm_fwd): "gemm_fwd", id(gemm.gemm_bwd): "gemm_bwd", id(shrink.shrink_kernel): "shrink",
             id(merge.merge_kernel): "merge"}[id(kernel)]

@@ -15,9 +15,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save as save_safetensors
 
-from .adapters import _atomic_write
-from .api import adapter_layers
-from .layer import LoLDUConv2d, LoLDUEmbedding, LoLDULayer
+from ..core.fileformat import atomic_write
+from ..layers.base import LoLDULayer
+from ..layers.conv_embedding import LoLDUConv2d, LoLDUEmbedding
+from ..model.targeting import adapter_layers
 
 LORA_CONFIG_NAME = "adapter_config.json"
 LORA_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -92,7 +93,7 @@ def export_lora(model: nn.Module, directory, adapter_name: Optional[str] = None,
     tensors = {}
     for name, layer in layers:
         d, s = layer.adapter_values(layer.active_adapter if adapter_name is None else adapter_name)
-        e = layer.scale_of(d.detach(), s.detach())
+        e = layer.delta_diagonal_of(d.detach(), s.detach())
         if not torch.isfinite(e).all():
             raise ValueError(f"{where}: layer {name!r} has non-finite adapter values; nothing was written")
         tensors.update(_lora_tensors(name, layer, e, r, dtype))
@@ -118,6 +119,6 @@ def export_lora(model: nn.Module, directory, adapter_name: Optional[str] = None,
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / LORA_WEIGHTS_NAME, save_safetensors(tensors, metadata={"format": "pt"}))
-    _atomic_write(directory / LORA_CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    atomic_write(directory / LORA_WEIGHTS_NAME, save_safetensors(tensors, metadata={"format": "pt"}))
+    atomic_write(directory / LORA_CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
     return directory

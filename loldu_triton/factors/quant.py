@@ -6,14 +6,13 @@ from typing import Tuple
 
 import torch
 
-QUANTIZATIONS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
-QUANTIZED_DTYPES = tuple(dtype for dtype, _ in QUANTIZATIONS.values())
+from ..core.settings import QUANTIZATIONS, check_quantization
 
 
 def quantize_weight(weight: torch.Tensor, kind: str, name: str = "weight") -> Tuple[torch.Tensor, torch.Tensor]:
     """(values, scale): per-output-row absmax scaling, rounding to nearest."""
-    if kind not in QUANTIZATIONS:
-        raise ValueError(f"{name}: base_quantization must be one of {sorted(QUANTIZATIONS)}, got {kind!r}")
+    if check_quantization(kind, name) is None:
+        raise ValueError(f"{name}: quantize_weight needs a kind, one of {list(QUANTIZATIONS)}")
     dtype, top = QUANTIZATIONS[kind]
     w = weight.detach().float()
     scale = w.abs().amax(dim=1) / top
@@ -24,4 +23,10 @@ def quantize_weight(weight: torch.Tensor, kind: str, name: str = "weight") -> Tu
 
 
 def dequantize(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W0 from its codes and per-row scales, in ``dtype``."""
     return (values.float() * scale[:, None]).to(dtype)
+
+
+def dense_weight(weight: torch.Tensor, scale, dtype: torch.dtype) -> torch.Tensor:
+    """The weight a GEMM multiplies by: itself (scale None), or quantized codes dequantized to ``dtype``."""
+    return weight if scale is None else dequantize(weight, scale, dtype)

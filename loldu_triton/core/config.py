@@ -1,0 +1,58 @@
+"""LoLDUConfig: the settings of a LoLDU adapter in one object, each field checked (by core.settings) when set."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Union
+
+from .fileformat import read_common_settings
+from .settings import FIELD_CHECKS, check_fields
+
+
+@dataclass
+class LoLDUConfig:
+    """The settings of a LoLDU adapter, as PEFT's LoraConfig gathers LoRA's.
+
+    - rank: the number of pivots per layer (an int, or "full": each layer's min(out, in)); a rank a layer
+      cannot hold is lowered to its full rank with a warning.
+    - alpha: e's initial scale is alpha / rank; None means alpha = rank (scale 1, the paper's setting).
+    - init: the initial diagonal, one of INITS; init_seed seeds the random ones.
+    - target_modules: None (every nn.Linear), "all-linear" (all but the output layer), a list of layer names
+      (suffix match) or a regex (full match); names and regexes may pick nn.Conv2d and nn.Embedding too.
+    - base_quantization: None, "int8" or "fp8": keep each adapted nn.Linear's frozen weight quantized.
+    - backend: "auto", "torch" or "triton" (a runtime choice; adapter files do not record it).
+
+    Every field is checked when set, at construction and after it: a config that exists is a valid one.
+    """
+
+    rank: Union[int, str] = 8
+    alpha: Optional[float] = None
+    init: str = "lu"
+    init_seed: int = 0
+    target_modules: Union[None, str, List[str]] = None
+    base_quantization: Optional[str] = None
+    backend: str = "auto"
+
+    def __setattr__(self, name, value):
+        check = FIELD_CHECKS.get(name)
+        if check is None:
+            raise AttributeError(f"LoLDUConfig has no field {name!r}; fields: {sorted(FIELD_CHECKS)}")
+        object.__setattr__(self, name, check(value, "LoLDUConfig"))
+
+    def to_dict(self) -> dict:
+        """The fields as plain JSON values (a new list for target_modules)."""
+        data = {name: getattr(self, name) for name in FIELD_CHECKS}
+        if isinstance(data["target_modules"], list):
+            data["target_modules"] = list(data["target_modules"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data, where: str = "LoLDUConfig.from_dict") -> "LoLDUConfig":
+        """A config from ``to_dict``'s output. Missing fields take their defaults; unknown fields and invalid
+        values are errors that name ``where`` (a file, say) and the field."""
+        return cls(**check_fields(data, where))
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "LoLDUConfig":
+        """The config an adapter directory (written by save_loldu) was trained with: add_loldu with it on the
+        same base adapts the same layers with the same settings. The file is checked as load_loldu checks it."""
+        return cls(**read_common_settings(directory))

@@ -1,0 +1,191 @@
+"""Saving an adapter of a model (save_loldu) and loading one into a model (load_loldu): the model side of the
+adapter file format (core.fileformat), with the checks of a base weight against the adapter's fingerprint."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .._version import __version__
+from ..core.config import LoLDUConfig
+from ..core.fileformat import (ADAPTER_NAME, LAYER_FIELDS, PIVOT_VALUE_RTOL, atomic_write, read_adapter, remove_legacy,
+                               serialize)
+from ..core.settings import check_adapter_name, warn_caller
+from ..factors.fingerprint import sketch_gap, sketch_tolerance
+from ..layers.base import LoLDULayer
+from ..layers.registry import LOLDU_LAYERS, base_type
+from ..model.targeting import (adapter_layers, loldu_layers, offloaded_reason, refuse_merged, replace_module,
+                               why_not_adaptable)
+
+
+def layer_record(layer: LoLDULayer, sha256: str, precision: str) -> dict:
+    """One layer's entry in the file's config: its settings (LoLDUConfig fields), type, shape and base."""
+    settings = layer.loldu_settings().to_dict()
+    return {**{k: settings[k] for k in LAYER_FIELDS}, "type": layer.base_class.__name__,
+            "weight_shape": list(layer.weight.shape), "base": {"sha256": sha256, "precision": precision}}
+
+
+def common_config(layers) -> Optional[LoLDUConfig]:
+    """The one LoLDUConfig from which add_loldu rebuilds exactly these layers, or None when there is none (the
+    layers were adapted with different settings)."""
+    ranks = [layer.rank for _, layer in layers]
+    fulls = [min(layer.weight2d().shape) for _, layer in layers]
+    top = max(ranks)
+    if len(set(ranks)) > 1 and ranks == fulls:
+        rank = "full"
+    elif all(r == min(top, f) for r, f in zip(ranks, fulls)):
+        rank = top  # each layer holds it, or was lowered to its full rank
+    else:
+        return None
+    alphas = {layer.alpha for _, layer in layers}
+    if len(alphas) == 1:
+        alpha = alphas.pop()
+    elif all(layer.alpha == layer.rank for _, layer in layers):
+        alpha = None
+    else:
+        return None
+    settings = {(layer.init, layer.init_seed, layer.base_quantization) for _, layer in layers}
+    if len(settings) != 1:
+        return None
+    init, init_seed, quantization = settings.pop()
+    return LoLDUConfig(rank=rank, alpha=alpha, init=init, init_seed=init_seed, base_quantization=quantization,
+                       target_modules=[name for name, _ in layers])
+
+
+def save_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None) -> Path:
+    """Write one adapter of the model to ``directory`` (created if needed); returns the directory.
+
+    adapter_name=None saves the trainable adapter; a name saves that adapter (trainable or named) of every
+    layer that has it. Either way the file loads back as it was saved: ``load_loldu(base, directory)`` makes it
+    the trainable adapter, ``load_loldu(base, directory, adapter_name=name)`` a named one, with the same d and s
+    bit for bit. The adapter goes into one file, replaced atomically: an interrupted save leaves the previous
+    adapter as it was. Non-finite values are refused before anything is written."""
+    layers = adapter_layers(model, adapter_name, "save_loldu")
+    records, tensors = {}, {}
+    for name, layer in layers:
+        sha256, sketch, precision = layer.base_fingerprint()  # (first: refuses a base still on the meta device)
+        d, s = layer.adapter_values(layer.active_adapter if adapter_name is None else adapter_name)
+        d, s = d.detach().to("cpu", torch.float32), s.detach().to("cpu", torch.float32).reshape(1)
+        if not (torch.isfinite(d).all() and torch.isfinite(s).all()):
+            raise ValueError(f"save_loldu: layer {name!r} has non-finite adapter values (d or s holds NaN or Inf); "
+                             f"nothing was written")
+        records[name] = layer_record(layer, sha256, precision)
+        tensors[f"{name}.d"] = d.contiguous()
+        tensors[f"{name}.s"] = s
+        tensors[f"{name}.pivots"] = layer.pivots.detach().to("cpu", torch.int32)
+        tensors[f"{name}.sketch"] = sketch
+    common = common_config(layers)
+    # The top level is the common LoLDUConfig (rank null when the layers differ; backend is a runtime choice).
+    fields = {k: v for k, v in common.to_dict().items() if k != "backend"} if common else {"rank": None}
+    config = {"library_version": __version__, **fields, "layers": records}
+    data = serialize(tensors, json.dumps(config, separators=(",", ":")))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / ADAPTER_NAME, data)
+    remove_legacy(directory)
+    return directory
+
+
+def check_base(name: str, layer: LoLDULayer, saved: dict, path: Path) -> None:
+    if layer.pivots.tolist() != saved["pivots"]:
+        raise ValueError(f"load_loldu: layer {name!r} has a different base weight than the adapter in {path} "
+                         f"was trained on (its LU pivots differ)")
+    sha256, sketch, precision = layer.base_fingerprint()
+    base = saved["base"]
+    if sha256 == base["sha256"]:
+        return
+    if "sketch" in saved:
+        gap = sketch_gap(sketch, saved["sketch"])
+        tol = sketch_tolerance(precision, base["precision"])
+        there = base["precision"]
+    else:  # first format: pivot values only
+        ref = torch.tensor(base["pivot_values"], dtype=torch.float64)
+        gap = float((layer.pivot_values.double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        tol, there = PIVOT_VALUE_RTOL, base.get("dtype", "?")
+    if not gap <= tol:
+        raise ValueError(f"load_loldu: layer {name!r} has a different base weight than the adapter in {path} "
+                         f"was trained on (its fingerprint differs by {gap:.2e} relative, more than a cast "
+                         f"between {there} and {precision} explains: {tol:.1e})")
+    warn_caller(f"load_loldu: layer {name!r}: base weight is not byte-identical to the one the adapter was "
+                f"trained on ({there} there, {precision} here; fingerprints agree to {gap:.1e}); loading")
+
+
+def load_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None) -> nn.Module:
+    """Load an adapter written by ``save_loldu`` into ``model`` (a plain base model, or one with LoLDU).
+
+    Layers without LoLDU get it; every check (files, layer names and shapes, base-weight fingerprints) runs
+    before anything changes, so on an error the model is left exactly as it was.
+
+    adapter_name=None (or the trainable adapter's name: "default" unless set_adapter chose another) loads into
+    the trainable adapter (d and s, in place), as save_loldu(adapter_name=None) saves it. Any other name stores a frozen named adapter next to it, for ``adapter_batch`` and
+    ``set_adapter``; named adapters share the layer's factors, so their rank, alpha and init must be the
+    layer's (a layer without LoLDU gets it with the adapter's settings, at init).
+
+    Like add_loldu, it leaves requires_grad of the other parameters alone: ``mark_only_loldu_as_trainable``
+    freezes them.
+    """
+    check_adapter_name(adapter_name, "load_loldu", allow_none=True)
+    refuse_merged(loldu_layers(model), "load_loldu")
+    directory = Path(directory)
+    layers, tensors = read_adapter(directory)
+
+    plan = []  # (name, module now, layer to hold the values, whether it replaces the module)
+    modules = dict(model.named_modules())
+    for name, spec in layers.items():
+        module = modules.get(name)
+        base = base_type(module) if module is not None else None
+        if base is None or base.__name__ != spec["type"]:
+            found = "nothing" if module is None else type(module).__name__
+            raise ValueError(f"load_loldu: the adapter in {directory} has layer {name!r}, but the model has "
+                             f"{found} there (an nn.{spec['type']} is needed)")
+        if list(module.weight.shape) != spec["weight_shape"]:
+            raise ValueError(f"load_loldu: layer {name!r} has a weight of shape {list(module.weight.shape)}, the "
+                             f"adapter expects {spec['weight_shape']}")
+        settings = (spec["rank"], spec["alpha"], spec["init"], spec["init_seed"])
+        named = adapter_name is not None and adapter_name != getattr(module, "active_adapter", "default")
+        current = None
+        if isinstance(module, LoLDULayer):
+            current = (module.rank, module.alpha, module.init, module.init_seed)
+        if current == settings:
+            target, replaces = module, False
+        elif named and current is not None:
+            raise ValueError(f"load_loldu: layer {name!r} has LoLDU with (rank, alpha, init, init_seed) = "
+                             f"{current}, adapter {adapter_name!r} was trained with {settings}; named adapters "
+                             f"share the layer's factors and initial diagonal")
+        elif current is not None and getattr(module, "adapter_names", ()):
+            raise ValueError(f"load_loldu: layer {name!r} has named adapters {list(module.adapter_names)} on "
+                             f"LoLDU with (rank, alpha, init, init_seed) = {current}; the adapter needs "
+                             f"{settings}, which would drop them. Remove LoLDU from the model first")
+        else:
+            reason = offloaded_reason(name, modules) or why_not_adaptable(name, module, modules[name.rpartition(".")[0]])
+            if reason:
+                raise ValueError(f"load_loldu: cannot adapt {name!r}: {reason}")
+            if module.weight.is_meta:
+                raise ValueError(f"load_loldu: layer {name!r} is on the meta device; load its real weights first")
+            backend = getattr(module, "backend", "auto")
+            target = LOLDU_LAYERS[base].from_base(module, spec["rank"], spec["alpha"], spec["init"],
+                                                  spec["init_seed"], backend, name, freeze=False)
+            if isinstance(module, LoLDULayer):
+                target.base_requires_grad = module.base_requires_grad
+            replaces = True
+        check_base(name, target, spec, directory)
+        plan.append((name, module, target, replaces, named))
+
+    others = [n for n, _ in loldu_layers(model) if n not in layers]
+    if others and not all(named for *_, named in plan):
+        warn_caller(f"load_loldu: {others} have LoLDU but are not in the adapter; left as they are")
+    for name, module, target, replaces, named in plan:
+        d, s = tensors[f"{name}.d"].to(target.d.device), tensors[f"{name}.s"].to(target.d.device)
+        if named:
+            target.set_named_adapter(adapter_name, d, s)
+        else:
+            with torch.no_grad():
+                target.d.copy_(d)
+                target.s.copy_(s)
+        if replaces:
+            target.freeze_base()
+            replace_module(model, module, target)
+    return model

@@ -1,0 +1,221 @@
+"""LoLDULayer: what the LoLDU layers share. Each wraps a base layer (sharing its frozen weight and bias, no
+copy), keeps the base's fingerprint, merges and unmerges, and gives the plain base layer back."""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..core.config import LoLDUConfig
+from ..core.settings import QUANTIZED_DTYPES, check_backend
+from ..factors.fingerprint import weight_checksum, weight_sketch
+from ..factors.quant import dequantize
+from ..ops.functional import loldu_merged_weight
+from .state import LoLDUMixin
+
+# What accelerate's add_hook_to_module puts on a module instance.
+_ACCELERATE_HOOK = ("forward", "_old_forward", "_hf_hook")
+
+
+def _own_copy(value):
+    """A module attribute as a new module of another class may hold it: its own containers, shared tensors."""
+    return copy.copy(value) if isinstance(value, (dict, set, list)) else value
+
+
+class LoLDULayer(LoLDUMixin):
+    """What the LoLDU layers share: they wrap a base layer, sharing its frozen weight and bias (no copy)."""
+
+    base_class: type = nn.Module
+
+    @classmethod
+    def from_base(
+        cls,
+        module: nn.Module,
+        rank: int,
+        alpha: Optional[float] = None,
+        init: str = "lu",
+        init_seed: int = 0,
+        backend: str = "auto",
+        name: Optional[str] = None,
+        freeze: bool = True,
+    ):
+        """Wrap ``module`` (a ``base_class``), keeping all its attributes and sharing its weight and bias.
+
+        ``freeze=False`` leaves their requires_grad untouched until ``freeze_base()``, so a caller can build
+        several layers and commit only when all succeeded.
+        """
+        self = cls._shell(module)
+        self._setup(rank, alpha, init, init_seed, backend, name, freeze)
+        return self
+
+    @classmethod
+    def from_parametrization(cls, module: nn.Module, parametrization: LoLDUMixin, backend="auto", name=None,
+                             freeze=True):
+        """Wrap ``module`` with the factors and values of a LoLDUParametrization of its weight."""
+        self = cls._shell(module)
+        p = parametrization
+        self._setup(p.rank, p.alpha, p.init, p.init_seed, backend, name, freeze, source=p)
+        return self
+
+    @classmethod
+    def _shell(cls, module: nn.Module):
+        self = cls.__new__(cls)
+        # Same attributes (stride, padding_idx, hooks, ...) and the same parameter objects; own containers. Not
+        # an accelerate hook's forward wrapper, which is bound to ``module``: api._replace attaches the hook anew.
+        self.__dict__.update({k: _own_copy(v) for k, v in module.__dict__.items() if k not in _ACCELERATE_HOOK})
+        return self
+
+    def weight2d(self) -> torch.Tensor:
+        """The weight viewed as the matrix LoLDU factors: out x everything else."""
+        return self.weight.reshape(self.weight.shape[0], -1)
+
+    def _setup(self, rank, alpha, init, init_seed, backend, name, freeze, source=None):
+        if "_base_state" not in self.__dict__:  # (wrapping a LoLDU layer again keeps its base's record)
+            # What the base layer itself holds, so that to_base() gives back exactly that.
+            self._base_state = (set(self.__dict__), set(self._parameters), set(self._buffers))
+        out_f, in_f = self.weight2d().shape
+        name = name or f"{type(self).__name__}({out_f}x{in_f})"
+        self.backend = check_backend(backend, name)
+        self._check_supported(name)
+        self.base_requires_grad = (self.weight.requires_grad, self.bias is not None and self.bias.requires_grad)
+        self._init_loldu(self.factor_weight(), rank, alpha, init, init_seed, name, source)
+        if freeze:
+            self.freeze_base()
+
+    def _check_supported(self, name: str) -> None:
+        """Raise for base-layer options LoLDU cannot honour."""
+
+    def freeze_base(self) -> None:
+        """requires_grad=False on the base weight and bias (to_base() gives their previous flags back)."""
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    base_quantization: Optional[str] = None  # "int8" / "fp8" once quantize_base() ran
+    # The identity of the unquantized base, kept when quantizing it: (sha256, sketch, dtype name).
+    base_identity: Optional[tuple] = None
+
+    def base_fingerprint(self) -> tuple:
+        """(sha256, weight_sketch, precision) of the base weight: of the unquantized one where the layer
+        quantized it; the precision names the dtype (or quantization) whose rounding the sketch carries."""
+        if self.base_identity is not None:
+            return self.base_identity
+        if self.loldu_merged:  # (never quantized: merge_weights refuses those)
+            weight = self.__dict__["_premerge"][0]
+            return (weight_checksum(weight), weight_sketch(weight.reshape(weight.shape[0], -1)),
+                    str(weight.dtype).replace("torch.", ""))
+        if self.weight.is_meta:
+            raise ValueError(f"{self.loldu_name}: the base weight is on the meta device; load real weights first")
+        precision = self.base_quantization or str(self.weight.dtype).replace("torch.", "")
+        return weight_checksum(self.weight), weight_sketch(self.factor_weight()), precision
+
+    def loldu_settings(self) -> LoLDUConfig:
+        """This layer's settings as a LoLDUConfig (rank and alpha as the layer holds them)."""
+        return LoLDUConfig(rank=self.rank, alpha=self.alpha, init=self.init, init_seed=self.init_seed,
+                           base_quantization=self.base_quantization, backend=self.backend)
+
+    @property
+    def loldu_merged(self) -> bool:
+        """Whether merge_weights() put W0 + delta into ``weight`` (until unmerge_weights())."""
+        return "_premerge" in self.__dict__
+
+    @torch.no_grad()
+    def merge_weights(self) -> None:
+        """Serve with ``weight`` = W0 + L diag(e) U (one plain GEMM, no rank-r path), keeping the base weight
+        itself aside: unmerge_weights() puts that same tensor back, so the base is restored bit for bit and
+        training can go on. A layer already merged stays as it is."""
+        if self.loldu_merged:
+            return
+        if self.base_quantization is not None:
+            raise ValueError(f"{self.loldu_name}: the base is quantized ({self.base_quantization}); a merged weight "
+                             f"would be a full-precision copy next to it. Serve it unmerged (the kernels "
+                             f"dequantize in the GEMM), or merge for good with merge_loldu(model)")
+        merged = nn.Parameter(self.merged_weight(), requires_grad=False)
+        self.__dict__["_premerge"] = (self.weight, self.loldu_enabled)
+        self.weight = merged
+        self.loldu_enabled = False  # forward's plain path, now on the merged weight
+
+    def unmerge_weights(self) -> None:
+        """Undo merge_weights(): the base weight (the same tensor) and the enabled state come back."""
+        if not self.loldu_merged:
+            return
+        weight, enabled = self.__dict__.pop("_premerge")
+        self.weight = weight
+        self.loldu_enabled = enabled
+
+    def factor_weight(self) -> torch.Tensor:
+        """The 2-D weight the factors come from: the weight, or a quantized one dequantized (its unquantized
+        weight is gone)."""
+        return self.dense_weight().reshape(self.weight.shape[0], -1)
+
+    def dense_weight(self) -> torch.Tensor:
+        """W0 in the compute dtype: the weight itself, or the quantized one dequantized."""
+        if self.base_quantization is None:
+            return self.weight
+        return dequantize(self.weight2d(), self.weight_scale, self.L.dtype).view(self.weight.shape)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W0 + L diag(e) U in the weight's shape and the compute dtype."""
+        merged = loldu_merged_weight(self.weight2d(), self.L, self.U, self.delta_diagonal(), backend=self.backend,
+                             weight_scale=getattr(self, "weight_scale", None))
+        return merged.view(self.weight.shape)
+
+    def to_base(self, merge: bool) -> nn.Module:
+        """The plain base layer: the base weight itself (merge=False) or W0 + delta (merge=True), also from a
+        layer that merge_weights() merged."""
+        base = self.base_class.__new__(self.base_class)
+        attrs, params, buffers = self._base_state
+        base.__dict__.update({k: _own_copy(v) for k, v in self.__dict__.items() if k in attrs})
+        for store, keep in (("_parameters", params), ("_buffers", buffers)):
+            for key in set(getattr(base, store)) - keep:
+                del getattr(base, store)[key]
+        base._non_persistent_buffers_set &= buffers
+        w_grad, b_grad = self.base_requires_grad
+        if merge:
+            merged = self.weight if self.loldu_merged else self.merged_weight()
+            base.weight = nn.Parameter(merged.detach(), requires_grad=w_grad)
+        elif self.loldu_merged:
+            base.weight = self.__dict__["_premerge"][0]
+        elif self.base_quantization is not None:  # the dequantized base: the unquantized one is gone
+            base.weight = nn.Parameter(self.dense_weight().detach().clone(), requires_grad=w_grad)
+        else:
+            base.weight = self.weight
+        base.weight.requires_grad_(w_grad)
+        if self.bias is not None:
+            self.bias.requires_grad_(b_grad)
+        return base
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        incoming = state_dict.get(prefix + "weight")
+        if self.loldu_merged and incoming is not None:
+            raise ValueError(f"{self.loldu_name}: the layer is merged (merge_loldu(..., reversible=True)); "
+                             f"unmerge_loldu(model) before loading a state dict into it")
+        if self.base_quantization is not None and incoming is not None and incoming.dtype != self.weight.dtype:
+            raise ValueError(f"{self.loldu_name}: holds a quantized ({self.base_quantization}) base; a "
+                             f"{incoming.dtype} weight cannot be loaded into it. Load the full-precision "
+                             f"checkpoint before add_loldu(..., base_quantization=...)")
+        if self.base_quantization is None and incoming is not None and incoming.dtype in QUANTIZED_DTYPES:
+            raise ValueError(f"{self.loldu_name}: the checkpoint holds a quantized ({incoming.dtype}) weight and "
+                             f"this layer's base is not quantized; its codes would be read as weights. Use "
+                             f"add_loldu(..., base_quantization=...) with the same kind before loading it")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if incoming is not None:
+            # A new base weight: its factors change, and a fresh adapter must again start at e == 0. A quantized
+            # checkpoint has no unquantized weight: its factors come from the dequantized one.
+            self.base_identity = None
+            self._refactorize(self.factor_weight())
+            if prefix + "d" not in state_dict:
+                self.reset_loldu()
+
+    def _check_width(self, x: torch.Tensor, dim: int, expected: int, what: str) -> None:
+        if x.dim() < -dim or x.shape[dim] != expected:
+            size = x.shape[dim] if x.dim() >= -dim else None
+            raise ValueError(f"{self.loldu_name}: input of shape {tuple(x.shape)} has {what} {size}, "
+                             f"expected {expected}")
+
+    def _loldu_repr(self) -> str:
+        state = ", merged" if self.loldu_merged else "" if self.loldu_enabled else ", disabled"
+        return f", rank={self.rank}, alpha={self.alpha:g}, init={self.init!r}" + state
