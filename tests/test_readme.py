@@ -1,5 +1,6 @@
-"""Every Python snippet of README.md runs as written, in order, in one session, as a reader would run them: with a
-tiny random Llama (built from a config) standing in for the hub download and the GPU."""
+"""Every Python snippet of README.md runs as written, in order, each on its own with its own imports, as a reader
+would run them: with a tiny random Llama (built from a config) standing in for the hub download and the GPU.
+Only what the README says a snippet is given (GIVEN) passes from one snippet to the next."""
 import re
 import warnings
 from pathlib import Path
@@ -15,6 +16,9 @@ pytest.importorskip("accelerate")
 README = Path(__file__).resolve().parents[1] / "README.md"
 # Snippets that need what a CPU test cannot have; each named by a line it contains.
 NOT_RUN = {"torch.distributed.init_process_group": "needs several processes and NCCL"}
+# What the README's text gives the snippets: the model (which each snippet may go on changing), a fresh copy of
+# its base, input ids and a dataset.
+GIVEN = ("model", "base_model", "input_ids", "train_dataset")
 
 
 def tiny_llama(dtype=None):
@@ -59,16 +63,21 @@ def test_every_readme_python_snippet_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.setattr(tf.AutoModelForCausalLM, "from_pretrained",
                         lambda name, dtype=None, **kwargs: tiny_llama(dtype))
     monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *args, **kwargs: self)
-    namespace = prelude(tmp_path)
+    given = prelude(tmp_path)
     blocks, total = snippets()
     assert len(blocks) >= 9 and total - len(blocks) == len(NOT_RUN), (len(blocks), total)
+    namespaces = []
     for i, code in enumerate(blocks):
+        namespace = dict(given)  # nothing else: a snippet that uses a name it does not import fails here
         try:
             with warnings.catch_warnings():  # (clamped ranks and the like: the snippets' warnings are expected)
                 warnings.simplefilter("ignore")
                 exec(compile(code, f"README.md python snippet {i + 1}", "exec"), namespace)
         except Exception as err:  # say which snippet
             raise AssertionError(f"README snippet {i + 1} failed:\n{code}") from err
+        given.update({k: namespace[k] for k in GIVEN})
+        namespaces.append(namespace)
+    namespace = {k: v for ns in namespaces for k, v in ns.items()}
     # what the snippets say they write
     for path in ("my-adapter/loldu_adapter.safetensors", "loldu_state.pth", "llama2-loldu/loldu_adapter.safetensors",
                  "my-lora/adapter_config.json", "legal-v2/loldu_adapter.safetensors",
