@@ -1,5 +1,6 @@
 """`loldu-triton compile-check --quick` for sm_90 and sm_80: every kernel variant of the widest operands of each
-dtype class, with every autotune config offered for the target, compiled by ptxas without a GPU."""
+dtype class (float16 with its float32 t included), with every autotune config offered for the target, compiled
+by ptxas without a GPU."""
 import json
 
 import pytest
@@ -26,7 +27,12 @@ def test_every_variant_compiles_and_the_check_passes(records):
     assert recs and all(r["ok"] for r in recs), [r["error"][:200] for r in recs if not r["ok"]]
     assert rc == 0
     kernels = {(r["kernel"], r["dtype"]) for r in recs}
-    assert kernels == {(k, d) for k in ("gemm_fwd", "gemm_bwd", "shrink", "merge") for d in ("bfloat16", "float32")}
+    assert kernels == {(k, d) for k in ("gemm_fwd", "gemm_bwd", "shrink", "merge")
+                       for d in ("bfloat16", "float16", "float32")}
+    # float16's t = x U^T is float32: its GEMM reads an fp32 rank operand next to 16-bit ones
+    assert any(r["dtype"] == "float16" and r["operands"].split(",")[2] == "float32" for r in recs
+               if r["kernel"] == "gemm_fwd")
+    assert any("int8" in r["operands"] for r in recs) and any("PER_ROW" in r["route"] for r in recs)
 
 
 def test_no_offered_config_exceeds_shared_memory(records):

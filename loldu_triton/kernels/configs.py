@@ -174,12 +174,15 @@ def prune_gemm(configs, named, **kwargs):
     by_m = [c for c in pool if (c.kwargs["BLOCK_M"] <= 32) == small] or pool
     per_row = kwargs.get("PER_ROW", False)
     mma_sync = arch(a.device) < 90
-    if b.element_size() != a.element_size() or b2.element_size() != a.element_size() or per_row or mma_sync:
-        # B converted in registers (fp32 or quantized weight, fp32 factors), a per-row e tile, or mma.sync
-        # (sm_80: operands and accumulators in registers): the widest accumulators (128 fp32 a thread) do
-        # not fit; compile-check saw them spill
+    # fp32 t under 16-bit activations (float16: t = x U^T does not fit its range), converted in registers
+    wide_a2 = kwargs.get("LOWRANK", False) and named["a2_ptr"].element_size() > a.element_size()
+    if (b.element_size() != a.element_size() or b2.element_size() != a.element_size() or per_row or mma_sync
+            or wide_a2):
+        # B converted in registers (fp32 or quantized weight, fp32 factors), a per-row e tile, an fp32 t, or
+        # mma.sync (sm_80: operands and accumulators in registers): the widest accumulators (128 fp32 a
+        # thread) do not fit; compile-check saw them spill
         by_m = [c for c in by_m if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps] or by_m
-    if mma_sync and small:  # sm_80 decode: 16-row tiles only (the 32-row one spilled)
+    if (mma_sync or (wide_a2 and per_row)) and small:  # 16-row decode tiles only (the 32-row one spilled)
         by_m = [c for c in by_m if c.kwargs["BLOCK_M"] == 16] or by_m
     if b.element_size() != a.element_size() and small:
         # decode B tiles converted in registers (int8/fp8 dequantized, fp32 cast), which unaligned rows load
@@ -231,6 +234,10 @@ def prune_shrink(configs, named, **kwargs):
     pool = [c for c in configs if member(c, SHRINK_FP32) == wide] or list(configs)
     r16 = _r16(named["R"])
     narrow = [c for c in pool if c.kwargs["BLOCK_R"] <= r16] or pool[:1]
+    if named["p_ptr"].element_size() > a.element_size() and kwargs["BLOCK_M"] <= 16:
+        # fp32 t from 16-bit x in a decode tile: at most 1K elements of (K x R) tile a warp (compile-check saw
+        # R64 x K128 on 4 warps spill)
+        narrow = [c for c in narrow if c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_K"] <= 1024 * c.num_warps] or narrow
     limit = smem_limit(a.device)
     fits = [c for c in narrow if shrink_smem(c, kwargs["BLOCK_M"], a.element_size(), b.element_size()) <= limit]
     return fits or narrow[:1]

@@ -74,6 +74,9 @@ def _operands(M, K, N, r, dtype, factor_dtype, quant):
 LAYER_ROUTES = ("side", "side-nobias", "side-bwd", "merged", "merged-bwd")  # what LoLDULinear calls
 ROWS_ROUTES = ("rows", "rows-bwd")  # many adapters in one batch
 SCOPES = ("full", "quick", "gpu-check")
+# (activation dtype, factor dtype) of the quick scope: bf16 with fp32 factors (B converted in registers),
+# float16 with its own factors (t = x U^T is float32 there), fp32
+QUICK_OPERANDS = [("bfloat16", "float32"), ("float16", "float16"), ("float32", "float32")]
 
 
 def _calls(o):
@@ -99,15 +102,17 @@ def _scenarios(arch, scope):
     """(dtype, factor dtype, quantization, shape, r, fp32 matmul precision, routes) to drive the launchers with.
 
     full: every dtype, with its own or fp32 factors, every quantized base, every route, both fp32 precisions.
-    quick (CI): the widest operands of each dtype class (bf16 with fp32 factors, fp32), side and merged routes,
-      and the merge in bf16: every autotune config the target offers for 2-byte and fp32 operands appears.
+    quick (CI): every operand dtype class the launchers produce, at its widest (QUICK_OPERANDS: bf16 with fp32
+      factors, float16 with its fp32 t, fp32; an int8 base; per-row adapters), side and merged routes, and the
+      merge in bf16: every autotune config the target offers for 2-byte and fp32 operands appears.
     gpu-check: what benchmarks/gpu_check.sh runs: the layer's routes in every dtype, bf16 also over int8/fp8
       bases."""
     if scope == "quick":
-        for (dname, fname), shape in itertools.product([("bfloat16", "float32"), ("float32", "float32")],
-                                                        ("prefill", "decode")):
+        for (dname, fname), shape in itertools.product(QUICK_OPERANDS, ("prefill", "decode")):
             for r in SHAPES[shape][3]:
-                yield dname, fname, None, shape, r, "highest", ("side", "side-bwd", "merged")
+                per_row = ("rows",) if dname != "float32" else ()
+                yield dname, fname, None, shape, r, "highest", ("side", "side-bwd", "merged") + per_row
+            yield "bfloat16", "bfloat16", "int8", shape, 16, "highest", ("side", "side-bwd")  # a quantized base
         yield "bfloat16", "bfloat16", None, "prefill", 4096, "highest", ("merged",)  # the merge in bf16
         return
     quants = [q for q in QUANT if not (q == "fp8" and arch < 89)]  # fp8 e4m3 needs compute capability 8.9+
