@@ -96,8 +96,14 @@ def references(x, weight, bias, L, U, e, dy, t=None):
         "t": (T, aX @ aU.T, K),
         "dx": (dY @ W + (V * E) @ Uf, adY @ aW + ((adY @ aL) * aE) @ aU, N + r),
         "grad_e": ((Tk * V).sum(0), (Tk.abs() * (adY @ aL)).sum(0), M * N),
-        "merge": (W + (Lf * E) @ Uf, aW + (aL * aE) @ aU, r + 1),
+        "merge": merge_reference(weight, L, U, e),
     }
+
+
+def merge_reference(weight, L, U, e):
+    """W + L diag(e) U in float64, its scale |W| + |L| |e| |U| and length, for a 2-D weight."""
+    W, Lf, Uf, E = (a.detach().double().to(weight.device) for a in (weight, L, U, e))
+    return W + (Lf * E) @ Uf, W.abs() + (Lf.abs() * E.abs()) @ Uf.abs(), Uf.shape[0] + 1
 
 
 # ---- whole computations: float64 runs with each op's roundoff drawn at random -------------------------------
@@ -277,6 +283,7 @@ EXACT = {
     aten._unsafe_view, aten.expand_copy, aten.sort, aten.topk, aten.nll_loss_backward, aten.nonzero,
     aten._local_scalar_dense, aten.isnan, aten.isinf, aten.isfinite, aten.set_, aten.resize_, aten.bernoulli_,
     aten.slice_backward, aten.select_backward, aten.diagonal_backward, aten.as_strided_scatter, aten.unfold_backward,
+    aten.diag_embed, aten.diagonal_copy, aten.new_empty_strided, aten.empty_like,
     aten.uniform_, aten.normal_, aten.random_, aten.randn, aten.rand, aten.randint, aten.randperm,
 }
 # Any other element-wise op (torch.Tag.pointwise) rounds its result once: eps(dtype) * |out|.
@@ -335,30 +342,33 @@ def float64_spread(fn, *args, dtype=torch.float32, draws=DRAWS, seed=0):
     return ref, spread
 
 
+class Float64Reference:
+    """fn(*args) on float64 models and tensors, run once plain and DRAWS times under Roundoff (see
+    float64_spread); assert_close checks a result of the same computation in ``dtype`` against it,
+    |actual - ref| <= SAFETY * spread element by element. One reference serves several candidates."""
+
+    def __init__(self, fn, *args, dtype=torch.float32, draws=DRAWS):
+        self.ref, self.spread = float64_spread(fn, *args, dtype=dtype, draws=draws)
+
+    def mismatches(self, actual, name=""):
+        got = tree_flatten(actual)[0]
+        if len(got) != len(self.ref):
+            return [f"{name}: {len(got)} tensors against {len(self.ref)}"]
+        bad = []
+        for i, (g, r, s) in enumerate(zip(got, self.ref, self.spread)):
+            bad += outside(g, r, SAFETY * s, f"{name}[{i}]" if len(got) > 1 else name)
+        return bad
+
+    def assert_close(self, actual, name=""):
+        bad = self.mismatches(actual, name)
+        assert not bad, "\n".join(bad)
+
+
 def assert_float64_close(actual, fn, *args, dtype=torch.float32, name="", draws=DRAWS):
     """Each tensor of ``actual`` (a tensor or a list/tuple/dict of them) against the same of fn(*args), the same
-    computation on float64 models and tensors: |actual - ref| <= SAFETY * spread, element by element (see
-    float64_spread). dtype: the precision ``actual`` was computed in."""
-    got = tree_flatten(actual)[0]
-    ref, spread = float64_spread(fn, *args, dtype=dtype, draws=draws)
-    assert len(got) == len(ref), f"{name}: {len(got)} tensors against {len(ref)}"
-    bad = []
-    for i, (g, r, s) in enumerate(zip(got, ref, spread)):
-        bad += outside(g, r, SAFETY * s, f"{name}[{i}]" if len(got) > 1 else name)
-    assert not bad, "\n".join(bad)
-
-
-def poisoned(rows, cols, dtype, device="cpu"):
-    """A NaN-filled (rows, cols) view inside a larger NaN buffer, to catch unwritten and out-of-bounds elements."""
-    buf = torch.full((rows + 2, cols + 3), NAN, dtype=dtype, device=device)
-    return buf, buf[1:rows + 1, 2:cols + 2]
-
-
-def poison_intact(buf, view):
-    """(every element of view written, nothing outside it touched)."""
-    inside = torch.zeros(buf.shape, dtype=torch.bool, device=buf.device)
-    inside[1:view.shape[0] + 1, 2:view.shape[1] + 2] = True
-    return not bool(view.isnan().any()), bool(buf[~inside].isnan().all())
+    computation on float64 models and tensors (see Float64Reference). dtype: the precision ``actual`` was
+    computed in."""
+    Float64Reference(fn, *args, dtype=dtype, draws=draws).assert_close(actual, name)
 
 
 def float64_copy(model):
@@ -366,6 +376,7 @@ def float64_copy(model):
     adapter's float32 d and s too), LoLDU layers on the PyTorch backend, Hugging Face attention in plain ops
     (Roundoff has rules for those, not for the fused attention kernels)."""
     model = copy.deepcopy(model)
+    model.zero_grad(set_to_none=True)
     for module in model.modules():
         for t in list(module._parameters.values()) + list(module._buffers.values()):
             if t is not None and t.is_floating_point() and t.dtype.itemsize > 1:  # a quantized base stays
@@ -375,3 +386,14 @@ def float64_copy(model):
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")
     return model
+
+
+def assert_linear_close(y, x, weight, bias, L, U, e, name="y"):
+    """A LoLDU linear output of any leading dims against float64 (y = x W^T + b + ((x U^T) e) L^T), in y's dtype;
+    weight: the dense (dequantized) base. The scale |x| (|W| + |L| |e| |U|)^T + |b| holds for either route (side,
+    or through the merged weight)."""
+    X, W, Lf, Uf, E = (a.detach().double() for a in (x.reshape(-1, x.shape[-1]), weight, L, U, e))
+    B = bias.detach().double() if bias is not None else torch.zeros(W.shape[0], dtype=torch.float64)
+    ref = X @ (W + (Lf * E) @ Uf).T + B
+    scale = X.abs() @ (W.abs() + (Lf.abs() * E.abs()) @ Uf.abs()).T + B.abs()
+    assert_close(y.reshape(ref.shape), ref, scale, X.shape[1] + Uf.shape[0] + 1, y.dtype, name)
