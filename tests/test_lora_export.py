@@ -120,6 +120,9 @@ def test_conv2d_and_embedding_export_with_peft_key_layout(tmp_path):
         assert_merged_weights(model, expected)
 
 
+# peft 0.21's PeftModel reads transformers' deprecated alias is_gradient_checkpointing on the base model (a
+# FutureWarning with transformers 5.x); nothing in this test or in loldu_triton calls it.
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_hf_llama_export_round_trips_through_peft(tmp_path):
     base = tiny_llama().eval()
     model = copy.deepcopy(base)
