@@ -257,12 +257,25 @@ def test_bad_inputs_without_grad_still_name_the_layer(x, match):
         infer(layer, x)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's own
 def test_torch_compile_without_grad_traces_the_general_path():
+    """One graph (fullgraph), the traced math against float64, and no recompile when d changes in place: the
+    graph reads d, not a cached e. aot_eager runs that graph without inductor's C++ (whose own code runs in
+    tests/test_integrations.py, in a process of its own)."""
+    from torch._dynamo.backends.registry import lookup_backend
+
     torch._dynamo.reset()
     layer = trained_layer()
     x = torch.randn(3, 24)
-    compiled = torch.compile(layer, fullgraph=True)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    compiled = torch.compile(layer, backend=counting, fullgraph=True)
     with torch.no_grad():
         y = compiled(x)
-    assert_dense(y, layer, x)
+        assert_dense(y, layer, x)
+        layer.d.add_(0.3)
+        assert_dense(compiled(x), layer, x)
+    assert len(graphs) == 1

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from compile_subprocess import run_after_canary
 from conftest import tiny_llama
 from kernel_checks import Float64Reference, assert_float64_close, float64_copy
 from loldu_triton import (
@@ -317,37 +318,65 @@ def test_llama_bf16_after_add_loldu_trains_with_float32_adapter():
 # torch.compile
 # ----------------------------------------------------------------------------------------------------------
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's own
-def test_torch_compile_fullgraph_trains_like_eager():
-    torch._dynamo.reset()
+def _compile_case():
+    torch.manual_seed(0)
     model = _mlp((16, 32, 32, 8))
     add_loldu(model, rank=4)
     _freeze_all_but_loldu(model)
-    eager, compiled_module = model, copy.deepcopy(model)
-    compiled = torch.compile(compiled_module, fullgraph=True)
-    x, target = torch.randn(12, 16), torch.randn(12, 8)
+    return model, torch.randn(12, 16), torch.randn(12, 8)
 
-    def run(module, params):
-        opt = torch.optim.SGD(params, lr=0.5)
-        outs = []
-        for _ in range(3):
-            opt.zero_grad()
-            y = module(x)
-            outs.append(y.detach().clone())
-            (y - target).pow(2).mean().backward()
-            opt.step()
-        return outs
 
-    eager_outs = run(eager, get_loldu_params(eager))
-    compiled_outs = run(compiled, get_loldu_params(compiled_module))
-    for a, b in zip(compiled_outs, eager_outs):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    moved = 0.0
-    for (name, a), (_, b) in zip(loldu_layers(compiled_module), loldu_layers(eager)):
-        torch.testing.assert_close(a.d, b.d, rtol=1e-5, atol=1e-6, msg=name)
-        torch.testing.assert_close(a.s, b.s, rtol=1e-5, atol=1e-6, msg=name)
-        moved = max(moved, float((b.d.detach() - b.d0).abs().max()))
-    assert moved > 1e-3  # the adapters did train
+def _training(model, x, target, compile_fn=None):
+    """3 SGD steps on d and s through compile_fn(model) (or eager): each step's output, every layer's trained d
+    and s, then an output without grad."""
+    module = compile_fn(model) if compile_fn else model
+    opt = torch.optim.SGD(get_loldu_params(model), lr=0.5)
+    outs = []
+    for _ in range(3):
+        opt.zero_grad()
+        y = module(x)
+        outs.append(y.detach().clone())
+        (y - target).pow(2).mean().backward()
+        opt.step()
+    with torch.no_grad():
+        after = module(x)
+    return outs, [(layer.d.detach().clone(), layer.s.detach().clone()) for _, layer in loldu_layers(model)], after
+
+
+def test_torch_compile_captures_the_training_step_in_one_graph_with_the_eager_math():
+    """fullgraph (no graph break), the traced math against float64, and no recompile as d and s change. With
+    aot_eager: the graph Dynamo and AOTAutograd capture, run without inductor's generated C++."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    torch._dynamo.reset()
+    model, x, target = _compile_case()
+    reference = Float64Reference(_training, float64_copy(model), x.double(), target.double())
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    got = _training(model, x, target, lambda m: torch.compile(m, backend=counting, fullgraph=True))
+    reference.assert_close(got, "aot_eager")
+    # one graph for the three training steps (new d and s values are inputs, not guards), one without grad
+    assert len(graphs) == 2
+    assert max(float((layer.d.detach() - layer.d0).abs().max()) for _, layer in loldu_layers(model)) > 1e-3
+
+
+INDUCTOR_TRAINING = """
+from test_integrations import _compile_case, _training
+
+model, x, target = _compile_case()
+reference = Float64Reference(_training, float64_copy(model), x.double(), target.double())
+reference.assert_close(_training(model, x, target, compiled), "inductor")
+"""
+
+
+def test_torch_compile_inductor_trains_like_float64():
+    """Inductor's generated code for the training step and the no-grad forward, in a process of its own after
+    a canary (compile_subprocess.py)."""
+    run_after_canary(INDUCTOR_TRAINING)
 
 
 # ----------------------------------------------------------------------------------------------------------
