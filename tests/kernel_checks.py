@@ -106,6 +106,30 @@ def merge_reference(weight, L, U, e):
     return W + (Lf * E) @ Uf, W.abs() + (Lf.abs() * E.abs()) @ Uf.abs(), Uf.shape[0] + 1
 
 
+def assert_linear_close(y, x, weight, bias, L, U, e, name="y"):
+    """A LoLDU linear output of any leading dims against float64 (y = x W^T + b + ((x U^T) e) L^T), in y's dtype;
+    weight: the dense (dequantized) base. The scale |x| (|W| + |L| |e| |U|)^T + |b| holds for either route (side,
+    or through the merged weight)."""
+    X, W, Lf, Uf, E = (a.detach().double() for a in (x.reshape(-1, x.shape[-1]), weight, L, U, e))
+    B = bias.detach().double() if bias is not None else torch.zeros(W.shape[0], dtype=torch.float64)
+    ref = X @ (W + (Lf * E) @ Uf).T + B
+    scale = X.abs() @ (W.abs() + (Lf.abs() * E.abs()) @ Uf.abs()).T + B.abs()
+    assert_close(y.reshape(ref.shape), ref, scale, X.shape[1] + Uf.shape[0] + 1, y.dtype, name)
+
+
+def poisoned(rows, cols, dtype, device="cpu"):
+    """A NaN-filled (rows, cols) view inside a larger NaN buffer, to catch unwritten and out-of-bounds elements."""
+    buf = torch.full((rows + 2, cols + 3), NAN, dtype=dtype, device=device)
+    return buf, buf[1:rows + 1, 2:cols + 2]
+
+
+def poison_intact(buf, view):
+    """(every element of view written, nothing outside it touched)."""
+    inside = torch.zeros(buf.shape, dtype=torch.bool, device=buf.device)
+    inside[1:view.shape[0] + 1, 2:view.shape[1] + 2] = True
+    return not bool(view.isnan().any()), bool(buf[~inside].isnan().all())
+
+
 # ---- whole computations: float64 runs with each op's roundoff drawn at random -------------------------------
 
 aten = torch.ops.aten
@@ -386,14 +410,3 @@ def float64_copy(model):
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")
     return model
-
-
-def assert_linear_close(y, x, weight, bias, L, U, e, name="y"):
-    """A LoLDU linear output of any leading dims against float64 (y = x W^T + b + ((x U^T) e) L^T), in y's dtype;
-    weight: the dense (dequantized) base. The scale |x| (|W| + |L| |e| |U|)^T + |b| holds for either route (side,
-    or through the merged weight)."""
-    X, W, Lf, Uf, E = (a.detach().double() for a in (x.reshape(-1, x.shape[-1]), weight, L, U, e))
-    B = bias.detach().double() if bias is not None else torch.zeros(W.shape[0], dtype=torch.float64)
-    ref = X @ (W + (Lf * E) @ Uf).T + B
-    scale = X.abs() @ (W.abs() + (Lf.abs() * E.abs()) @ Uf.abs()).T + B.abs()
-    assert_close(y.reshape(ref.shape), ref, scale, X.shape[1] + Uf.shape[0] + 1, y.dtype, name)
