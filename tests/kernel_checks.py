@@ -210,6 +210,13 @@ def _index_add(args, kwargs):
     return [(aten.index_add(self.abs(), dim, index, source.abs()), index.numel() + 1)]
 
 
+def _index_put(args, kwargs):  # with accumulate=True, a sum per index; else a copy
+    self, indices, values = args[:3]
+    if not kwargs.get("accumulate", args[3] if len(args) > 3 else False):
+        return [None]
+    return [(aten.index_put(self.abs(), indices, values.abs(), True), values.numel() + 1)]
+
+
 def _layer_norm(args, kwargs):
     x, shape, w, b = args[:4]
     dims = tuple(range(x.dim() - len(shape), x.dim()))
@@ -283,6 +290,9 @@ RULES = {
     aten.embedding_dense_backward: _embedding_backward,
     aten.index_add: _index_add,
     aten.index_add_: _index_add,
+    aten.index_put: _index_put,
+    aten.index_put_: _index_put,
+    aten._index_put_impl_: _index_put,
     aten.native_layer_norm: _layer_norm,
     aten.addcmul: _addcmul,
     aten.addcmul_: _addcmul,
@@ -303,11 +313,11 @@ EXACT = {
     aten.constant_pad_nd, aten.flip, aten.roll, aten.repeat, aten.tril, aten.triu, aten.max, aten.min, aten.amax,
     aten.amin, aten.maximum, aten.minimum, aten.clamp, aten.clamp_min, aten.clamp_max, aten.relu, aten.relu_,
     aten.threshold_backward, aten.neg, aten.abs, aten.sign, aten.slice_scatter, aten.select_scatter,
-    aten.index_put, aten.index_put_, aten.scatter_, aten.lift_fresh, aten.lift_fresh_copy, aten.detach, aten.alias,
+    aten.scatter_, aten.lift_fresh, aten.lift_fresh_copy, aten.detach, aten.alias,
     aten._unsafe_view, aten.expand_copy, aten.sort, aten.topk, aten.nll_loss_backward, aten.nonzero,
     aten._local_scalar_dense, aten.isnan, aten.isinf, aten.isfinite, aten.set_, aten.resize_, aten.bernoulli_,
     aten.slice_backward, aten.select_backward, aten.diagonal_backward, aten.as_strided_scatter, aten.unfold_backward,
-    aten.diag_embed, aten.diagonal_copy, aten.new_empty_strided, aten.empty_like,
+    aten.diag_embed, aten.diagonal_copy, aten.new_empty_strided,
     aten.uniform_, aten.normal_, aten.random_, aten.randn, aten.rand, aten.randint, aten.randperm,
 }
 # Any other element-wise op (torch.Tag.pointwise) rounds its result once: eps(dtype) * |out|.
