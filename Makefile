@@ -14,14 +14,28 @@ $(VENV)/.installed-%: setup.py | $(BIN)/python
 	$(BIN)/pip install -q -e ".[$*]"
 	touch $@
 
-.PHONY: demo test bench bench-pytest
+.PHONY: demo test test-numerics bench bench-pytest
 demo: $(VENV)/.installed-demo
 	$(BIN)/loldu-triton demo
 
-# Two invocations: the kernels are defined either for a GPU or for the Triton interpreter, once per process.
+# Separate invocations: the kernels are defined either for a GPU or for the Triton interpreter, once per
+# process (tests/interpreted runs only under TRITON_INTERPRET=1). -rs prints why a test skipped.
+PYTEST := $(BIN)/python -m pytest -q -rs
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q tests
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/interpreted
+	$(PYTEST) tests
+	TRITON_INTERPRET=1 $(PYTEST) tests/interpreted
+	$(MAKE) --no-print-directory test-numerics
+
+# The tests that compare floating-point results with float64 (and all of tests/interpreted), again under a second
+# CPU capability: PyTorch's kernels for it round differently, as another machine's would, and every tolerance
+# must hold there too. `make test-numerics NUMERICS_CPU=default` tries the slowest, plainest kernels.
+NUMERICS := tests/test_kernels.py tests/test_functional.py tests/test_layer.py tests/test_routes.py \
+	tests/test_properties.py tests/test_factorize.py tests/test_inference_cache.py tests/test_quant.py \
+	tests/test_conv_embedding.py tests/test_adapter_batch.py
+NUMERICS_CPU ?= avx2
+test-numerics: $(VENV)/.installed-test
+	ATEN_CPU_CAPABILITY=$(NUMERICS_CPU) $(PYTEST) $(NUMERICS)
+	ATEN_CPU_CAPABILITY=$(NUMERICS_CPU) TRITON_INTERPRET=1 $(PYTEST) tests/interpreted
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/loldu-triton bench

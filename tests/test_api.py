@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from kernel_checks import Float64Reference, assert_linear_close, float64_copy
 from loldu_triton import (
     LoLDULinear,
     LoLDUParametrization,
@@ -96,9 +97,10 @@ def test_seed_readme_examples_run_as_written():
     fresh.load_state_dict(loaded_state, strict=False)
     assert torch.equal(fresh(x), y_trained)
 
+    reference = (float64_copy(model), x.double())
     merge_loldu(model)
     assert type(model.model[0]) is nn.Linear and not get_loldu_params(model)
-    torch.testing.assert_close(model(x), y_trained, rtol=1e-5, atol=1e-5)
+    assert_merged_matches(model(x), y_trained, *reference)
 
 
 def test_disable_remove_are_bit_exact_and_enable_restores():
@@ -125,16 +127,24 @@ def test_disable_remove_are_bit_exact_and_enable_restores():
     assert [p.requires_grad for p in model.parameters()] == flags
 
 
+def assert_merged_matches(y_merged, y_trained, model64, x64):
+    """The merged model computes the trained one: both against the trained model run in float64."""
+    reference = Float64Reference(lambda m, x: m(x), model64, x64)
+    reference.assert_close(y_trained, "trained")
+    reference.assert_close(y_merged, "merged")
+
+
 def test_merge_gives_plain_linears_with_the_trained_function():
     model = TinyLM()
     x = torch.randn(4, 16)
     add_loldu(model, rank=8, target_modules="all-linear")
     train(model, x)
     y_trained = model(x)
+    reference = (float64_copy(model), x.double())
     merge_loldu(model)
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
     assert not any(n.endswith((".d", ".s")) for n in model.state_dict())
-    torch.testing.assert_close(model(x), y_trained, rtol=1e-5, atol=1e-5)
+    assert_merged_matches(model(x), y_trained, *reference)
 
 
 def adapted(model):
@@ -284,7 +294,9 @@ def test_parametrization_works_with_torch_parametrize():
         p.d.mul_(1.5)
     fused = LoLDULinear.from_parametrization(nn.Linear(10, 6), p)  # same factors and values
     fused.weight, fused.bias = nn.Parameter(layer.parametrizations.weight.original), layer.bias
-    torch.testing.assert_close(fused(x), layer(x), rtol=1e-5, atol=1e-6)
+    e = p.delta_diagonal().detach()
+    for name, y in (("fused", fused(x)), ("parametrized", layer(x))):  # each against float64
+        assert_linear_close(y, x, fused.weight, fused.bias, p.L, p.U, e, name)
 
 
 def test_full_rank_takes_each_layers_min_dimension_without_warning():

@@ -1,5 +1,5 @@
 """Tests of the Triton kernels in loldu_triton/kernels without the interpreter: the CPU paths (errors, fake
-tensors, what torch.compile sees), the comparison helper every kernel test uses, 3xTF32's error by emulation,
+tensors, what torch.compile sees), the comparison helpers every numerics test uses, 3xTF32's error by emulation,
 the autotuning spaces, and the GPU tests (run when CUDA is available). The interpreter runs the kernels on CPU
 in tests/interpreted (a pytest invocation of its own)."""
 
@@ -11,7 +11,7 @@ import re
 
 import pytest
 import torch
-from kernel_checks import assert_close, mismatches, references
+from kernel_checks import Roundoff, assert_close, assert_float64_close, float64_copy, mismatches, references
 
 from conftest import rel_err
 
@@ -50,6 +50,32 @@ def test_nan_never_passes_and_only_the_poisoned_element_is_reported():
     assert len(bad) == 2 and "(2, 3)" in bad[1]
     with pytest.raises(AssertionError, match="1 of 35 elements"):
         assert_close(got, ref, ref.abs() + 1, 4, torch.float32)
+
+
+def _second_derivatives(model, x):
+    x = x.requires_grad_(True)
+    (g,) = torch.autograd.grad(model(x).pow(2).sum(), model[0].weight, create_graph=True)
+    return torch.autograd.grad(g.pow(2).sum(), x)[0]
+
+
+def test_a_float64_run_with_drawn_roundoff_passes_float32_and_catches_one_wrong_element():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    x = torch.randn(9, 24)
+    got = _second_derivatives(model, x.clone())
+    reference = (float64_copy(model), x.double())
+    assert_float64_close(got, _second_derivatives, *reference)
+    for size in (1e-4, float("nan")):  # a bug-sized error in one element (relative to the largest), and NaN
+        wrong = got.clone()
+        wrong[4, 7] += size * got.abs().max()
+        with pytest.raises(AssertionError, match=r"1 of 216 elements out of tolerance\n  at \(4, 7\)"):
+            assert_float64_close(wrong, _second_derivatives, *reference)
+
+
+def test_roundoff_refuses_an_op_it_has_no_rule_for():
+    with pytest.raises(NotImplementedError, match="no rule for aten._linalg_solve_ex"):
+        with Roundoff(torch.float32, torch.Generator()):
+            torch.linalg.solve(torch.eye(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
 
 
 # ---- 3xTF32 -----------------------------------------------------------------------------------------------------

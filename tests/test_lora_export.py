@@ -11,6 +11,7 @@ from loldu_triton.files.lora_export import export_lora
 from test_adapters import assert_unchanged, snapshot
 from test_api import TinyLM, train
 from conftest import tiny_llama
+from kernel_checks import Float64Reference, assert_close, float64_copy, merge_reference
 
 peft = pytest.importorskip("peft")
 
@@ -39,6 +40,32 @@ def peft_model(base, directory):
     return peft.PeftModel.from_pretrained(copy.deepcopy(base), str(directory)).eval()
 
 
+def run(model, *inputs):
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def assert_same_function(outputs, model, *inputs):
+    """Each of {name: output} against model(*inputs) in float64: peft's LoRA and the LoLDU model compute one
+    function, up to each one's roundoff."""
+    inputs = tuple(i.double() if i.is_floating_point() else i for i in inputs)
+    reference = Float64Reference(run, float64_copy(model), *inputs)
+    for name, out in outputs.items():
+        reference.assert_close(out, name)
+
+
+def merged_weights(model):
+    """{layer name: (W + L diag(e) U in float64, its scale, length)} of every LoLDU layer, before a merge."""
+    return {name: merge_reference(layer.weight2d(), layer.L, layer.U, layer.delta_diagonal())
+            for name, layer in loldu_layers(model)}
+
+
+def assert_merged_weights(merged, expected):
+    for name, (ref, scale, n) in expected.items():
+        weight = merged.get_submodule(name).weight
+        assert_close(weight.reshape(ref.shape), ref, scale, n, torch.float32, name)
+
+
 def test_peft_loads_the_export_and_computes_the_loldu_model(tmp_path):
     torch.manual_seed(0)
     base = TinyLM()
@@ -60,14 +87,16 @@ def test_peft_loads_the_export_and_computes_the_loldu_model(tmp_path):
     x = torch.randn(7, 16)
     with torch.no_grad():
         want = model(x)
-        assert not torch.allclose(want, base(x), atol=1e-3)  # the adapter does something
-        torch.testing.assert_close(lora(x), want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(want, base(x), atol=1e-3)  # the adapter does something, far above roundoff
+        assert_same_function({"peft": lora(x), "loldu": want}, model, x)
+        expected = merged_weights(model)
         merged_lora = lora.merge_and_unload()
         merge_loldu(model)
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear):
-                torch.testing.assert_close(merged_lora.get_submodule(name).weight, module.weight, rtol=1e-5,
-                                           atol=1e-6)
+        assert_merged_weights(merged_lora, expected)
+        assert_merged_weights(model, expected)
+        for name, module in model.named_modules():  # and the layers without an adapter are the same weights
+            if isinstance(module, nn.Linear) and name not in expected:
+                assert torch.equal(merged_lora.get_submodule(name).weight, module.weight), name
 
 
 def test_conv2d_and_embedding_export_with_peft_key_layout(tmp_path):
@@ -82,14 +111,18 @@ def test_conv2d_and_embedding_export_with_peft_key_layout(tmp_path):
     idx, img = torch.randint(0, 20, (5, 6)), torch.randn(5, 3, 9, 9)
     idx[0, 0] = 0  # the padding row stays the base's
     with torch.no_grad():
-        torch.testing.assert_close(lora(idx, img), model(idx, img), rtol=1e-5, atol=1e-5)
+        assert_same_function({"peft": lora(idx, img), "loldu": model(idx, img)}, model, idx, img)
+        expected = merged_weights(model)
+        assert sorted(expected) == ["conv", "emb", "proj"]
         merged = lora.merge_and_unload()
         merge_loldu(model)
-        for name in ("emb", "conv", "proj"):
-            torch.testing.assert_close(merged.get_submodule(name).weight, model.get_submodule(name).weight,
-                                       rtol=1e-5, atol=1e-6)
+        assert_merged_weights(merged, expected)
+        assert_merged_weights(model, expected)
 
 
+# peft 0.21's PeftModel reads transformers' deprecated alias is_gradient_checkpointing on the base model (a
+# FutureWarning with transformers 5.x); nothing in this test or in loldu_triton calls it.
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_hf_llama_export_round_trips_through_peft(tmp_path):
     base = tiny_llama().eval()
     model = copy.deepcopy(base)
@@ -97,9 +130,14 @@ def test_hf_llama_export_round_trips_through_peft(tmp_path):
     nudge(model)
     export_lora(model, tmp_path)
     ids = torch.randint(0, 64, (2, 9))
-    with torch.no_grad():
-        torch.testing.assert_close(peft_model(base, tmp_path)(input_ids=ids).logits, model(input_ids=ids).logits,
-                                   rtol=1e-4, atol=1e-5)
+
+    def logits(model, ids):
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    reference = Float64Reference(logits, float64_copy(model), ids)
+    reference.assert_close(logits(peft_model(base, tmp_path), ids), "peft")
+    reference.assert_close(logits(model, ids), "loldu")
 
 
 def test_named_adapter_export_and_refusals_write_nothing(tmp_path):
@@ -116,8 +154,8 @@ def test_named_adapter_export_and_refusals_write_nothing(tmp_path):
     load_loldu(reference, tmp_path / "first")
     x = torch.randn(3, 16)
     with torch.no_grad():
-        torch.testing.assert_close(peft_model(base, tmp_path / "lora-first")(x), reference(x), rtol=1e-5,
-                                   atol=1e-5)
+        assert_same_function({"peft": peft_model(base, tmp_path / "lora-first")(x), "loldu": reference(x)},
+                             reference, x)
 
     grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Conv2d(8, 8, 3, dilation=2))
     add_loldu(grouped, rank=2, target_modules=["0", "1"])
@@ -150,4 +188,4 @@ def test_a_name_that_is_also_the_suffix_of_another_module_is_written_as_a_full_m
     assert type(lora.base_model.model[1][0]) is nn.Linear  # "1.0" is left alone
     x = torch.randn(4, 8)
     with torch.no_grad():
-        torch.testing.assert_close(lora(x), model(x), rtol=1e-5, atol=1e-5)
+        assert_same_function({"peft": lora(x), "loldu": model(x)}, model, x)

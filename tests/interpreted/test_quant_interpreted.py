@@ -3,7 +3,7 @@ Triton interpreter: against the dequantized float64 weight, element by element."
 import pytest
 import torch
 import torch.nn as nn
-from kernel_checks import mismatches, references
+from kernel_checks import assert_float64_close, float64_copy, mismatches, references
 
 import loldu_triton.kernels.launch as k
 from loldu_triton import LoLDULinear
@@ -31,17 +31,20 @@ def test_kernels_dequantize_the_base_inside(kind, dtype):
     assert not bad, "\n".join(bad)
 
 
+def _step(m, x):
+    x = x.requires_grad_(True)
+    m(x).pow(2).sum().backward()
+    return m(x).detach(), x.grad, m.d.grad
+
+
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 def test_quantized_layer_trains_like_the_torch_path(kind):
-    out = {}
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton"):  # each against a float64 run on the same quantized base
         torch.manual_seed(1)
         m = LoLDULinear.from_linear(nn.Linear(45, 29), 5, backend=backend)
         m.quantize_base(kind)
         with torch.no_grad():
             m.d.mul_(1.3)
-        x = torch.randn(3, 7, 45, requires_grad=True)
-        m(x).pow(2).sum().backward()
-        out[backend] = (m(x).detach(), x.grad, m.d.grad)
-    for got, want in zip(out["triton"], out["torch"]):
-        assert float((got - want).norm() / want.norm()) < 1e-5
+        x = torch.randn(3, 7, 45)
+        reference = (float64_copy(m), x.double())
+        assert_float64_close(_step(m, x), _step, *reference, name=f"{kind} {backend}")
