@@ -123,5 +123,5 @@ def test_all_is_the_readme_api_table_and_every_name_is_importable():
 
 
 def test_internals_are_not_exported():
-    for name in ("base_type", "LOLDU_LAYERS", "INITS", "LDUFactors", "loldu_merged_weight"):
+    for name in ("base_type", "LOLDU_LAYERS", "INITS", "LDUFactors", "loldu_merge"):
         assert name not in loldu_triton.__all__ and not hasattr(loldu_triton, name), name
