@@ -175,7 +175,8 @@ def prune_gemm(configs, named, **kwargs):
     per_row = kwargs.get("PER_ROW", False)
     mma_sync = arch(a.device) < 90
     # fp32 t under 16-bit activations (float16: t = x U^T does not fit its range), converted in registers
-    wide_a2 = kwargs.get("LOWRANK", False) and named["a2_ptr"].element_size() > a.element_size()
+    a2 = named.get("a2_ptr", a)
+    wide_a2 = kwargs.get("LOWRANK", False) and a2.element_size() > a.element_size()
     if (b.element_size() != a.element_size() or b2.element_size() != a.element_size() or per_row or mma_sync
             or wide_a2):
         # B converted in registers (fp32 or quantized weight, fp32 factors), a per-row e tile, an fp32 t, or
