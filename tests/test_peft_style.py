@@ -325,12 +325,14 @@ def test_reversible_merge_serves_the_trained_function_and_unmerge_gives_the_base
     torch.testing.assert_close(serving(x), y, rtol=1e-5, atol=1e-6)
     assert "merged" in repr(serving.lm_head)
     before = full_snapshot(serving)
-    for call in (lambda: disable_loldu(serving), lambda: set_adapter(serving, "a"),
+    for call in (lambda: set_adapter(serving, "a"),
                  lambda: load_loldu(serving, tmp_path / "a"), lambda: adapter_batch(serving, [None]).__enter__()):
         with pytest.raises(ValueError, match=r"are merged \(merge_loldu\(model, reversible=True\)\); call "
                                              r"unmerge_loldu\(model\) first"):
             call()
         assert_same(serving, before)
+    with disable_loldu(serving):  # merged and disabled: the base itself (state rules)
+        assert torch.equal(serving(x), base(x)) and serving.lm_head.loldu_merged
     save_loldu(serving, tmp_path / "while-merged")  # the base's fingerprint, not the merged weight's
     unmerge_loldu(serving)
     for n, m in loldu_layers(serving):
