@@ -323,12 +323,13 @@ def read_adapter(directory) -> Tuple[Dict[str, dict], Dict[str, torch.Tensor]]:
     return layers, tensors
 
 
-def read_common_settings(directory) -> dict:
-    """The LoLDUConfig fields stored with the adapter in ``directory`` (see LoLDUConfig.from_pretrained)."""
+def read_common_settings(directory) -> Tuple[dict, list]:
+    """(The LoLDUConfig fields stored with the adapter in ``directory``, the names of its layers); see
+    LoLDUConfig.from_pretrained."""
     layers, _, config, path = read_adapter_files(Path(directory))
     common = check_common(config, path)
     if common is None:
         settings = {name: (spec["rank"], spec["alpha"], spec["init"]) for name, spec in layers.items()}
         raise ValueError(f"{file_where(path)}: stores no single LoLDUConfig (its layers were adapted with different "
                          f"settings, or it predates stored configs); per layer (rank, alpha, init): {settings}")
-    return common
+    return common, list(layers)

@@ -1,0 +1,48 @@
+"""Issue 19, beyond the state rules (tests/test_state_machine.py): configs that round-trip exactly, adapters on
+quantized bases of another rank, folders holding another kind of adapter, numbers in files, a checkpoint that
+fails to save, and adapter_batch under torch.compile."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from loldu_triton import LoLDUConfig, add_loldu, get_loldu_model, loldu_layers, save_loldu
+from test_adapters import assert_unchanged, snapshot
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blk = nn.Module()
+        self.blk.fc = nn.Linear(6, 5)
+        self.outer = nn.Module()
+        self.outer.blk = nn.Module()
+        self.outer.blk.fc = nn.Linear(6, 5)
+
+
+# ---- configs ---------------------------------------------------------------------------------------------
+
+
+def test_from_pretrained_selects_exactly_the_layers_the_adapter_holds(tmp_path):
+    torch.manual_seed(0)
+    model = Outer()
+    base = copy.deepcopy(model)
+    add_loldu(model, rank=2, target_modules=r"blk\.fc")  # the inner one only; "blk.fc" would pick both
+    assert [n for n, _ in loldu_layers(model)] == ["blk.fc"]
+    save_loldu(model, tmp_path)
+    config = LoLDUConfig.from_pretrained(tmp_path)
+    get_loldu_model(base, config)
+    assert [n for n, _ in loldu_layers(base)] == ["blk.fc"]
+    assert LoLDUConfig.from_dict(config.to_dict()) == config
+
+
+def test_a_checked_config_cannot_be_changed_behind_its_checks():
+    config = LoLDUConfig(rank=2, target_modules=["fc"])
+    with pytest.raises(AttributeError):
+        config.target_modules.append(3)
+    assert config.target_modules == ("fc",)
+    with pytest.raises(ValueError, match="LoLDUConfig: target_modules must be"):
+        config.target_modules = ["fc", 3]
+    assert config.target_modules == ("fc",)
