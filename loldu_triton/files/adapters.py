@@ -159,6 +159,12 @@ def load_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None) 
             raise ValueError(f"load_loldu: layer {name!r} has named adapters {list(module.adapter_names)} on "
                              f"LoLDU with (rank, alpha, init, init_seed) = {current}; the adapter needs "
                              f"{settings}, which would drop them. Remove LoLDU from the model first")
+        elif current is not None and module.base_quantization is not None:
+            raise ValueError(f"load_loldu: layer {name!r} has a quantized ({module.base_quantization}) base with "
+                             f"LoLDU at (rank, alpha, init, init_seed) = {current}; the adapter in {directory} "
+                             f"needs {settings}, whose factors would come from the dequantized weight, not the "
+                             f"one it was trained on. Add LoLDU with the adapter's settings to the full-precision "
+                             f"base (LoLDUConfig.from_pretrained, base_quantization included), then load")
         else:
             reason = offloaded_reason(name, modules) or why_not_adaptable(name, module, modules[name.rpartition(".")[0]])
             if reason:
