@@ -80,3 +80,98 @@ def test_an_adapter_of_another_rank_is_refused_on_a_quantized_base_and_loads_on_
     load_loldu(fixed, tmp_path)
     x = torch.randn(5, 16)
     assert torch.equal(fixed(x), trained(x))
+
+
+# ---- files -----------------------------------------------------------------------------------------------
+
+
+def folder(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir()} if directory.exists() else None
+
+
+@pytest.fixture
+def adapted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    add_loldu(model, rank=2)
+    with torch.no_grad():
+        for _, layer in loldu_layers(model):
+            layer.d.add_(1.0)
+    return model
+
+
+def test_export_lora_refuses_a_folder_holding_a_loldu_adapter_of_either_format(adapted, tmp_path):
+    from loldu_triton import export_lora
+    from test_adapters import write_legacy
+
+    write_legacy(adapted, tmp_path / "first")
+    save_loldu(adapted, tmp_path / "second")
+    for kind, match in (("first", "a LoLDU adapter of the first format"), ("second", "a LoLDU adapter")):
+        directory = tmp_path / kind
+        on_disk = folder(directory)
+        with pytest.raises(ValueError, match=rf"export_lora: .*{kind} holds {match} .*nothing was written.*"
+                                             rf"overwrite=True"):
+            export_lora(adapted, directory)
+        assert folder(directory) == on_disk
+    export_lora(adapted, tmp_path / "lora")
+    export_lora(adapted, tmp_path / "lora")  # its own kind: replaced
+    export_lora(adapted, tmp_path / "first", overwrite=True)
+    assert b"LORA" in (tmp_path / "first" / "adapter_config.json").read_bytes()
+    with pytest.raises(ValueError, match="export_lora: overwrite must be True or False, got 'yes'"):
+        export_lora(adapted, tmp_path / "x", overwrite="yes")
+    assert not (tmp_path / "x").exists()
+
+
+def test_save_loldu_refuses_a_folder_holding_a_lora_adapter(adapted, tmp_path):
+    from loldu_triton import export_lora, load_loldu
+    from test_adapters import write_legacy
+
+    export_lora(adapted, tmp_path / "lora")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "adapter_config.json").write_text('{"peft_type": "VERA"}')
+    for kind, match in (("lora", "a PEFT LoRA adapter"), ("other", "another kind of adapter")):
+        on_disk = folder(tmp_path / kind)
+        with pytest.raises(ValueError, match=rf"save_loldu: .*{kind} holds {match}.*overwrite=True"):
+            save_loldu(adapted, tmp_path / kind)
+        assert folder(tmp_path / kind) == on_disk
+    save_loldu(adapted, tmp_path / "lora", overwrite=True)
+    assert set(folder(tmp_path / "lora")) == {"adapter_config.json", "adapter_model.safetensors",
+                                              "loldu_adapter.safetensors"}  # the LoRA files stay
+    write_legacy(adapted, tmp_path / "first")
+    save_loldu(adapted, tmp_path / "first")  # LoLDU's own first format: replaced, as before
+    assert set(folder(tmp_path / "first")) == {"loldu_adapter.safetensors"}
+    load_loldu(copy.deepcopy(adapted), tmp_path / "first")
+
+
+@pytest.mark.parametrize("value", ["²", "1²", "-1", " 1", "1.0", True, -1, 1.0, None, "1" * 19])
+def test_every_number_of_a_file_goes_through_one_strict_parser(value):
+    from loldu_triton.core.fileformat import parse_count
+
+    with pytest.raises(ValueError, match=r"^my.file: field must be a number written in ASCII digits, got "):
+        parse_count(value, "my.file: field")
+
+
+def test_a_superscript_version_names_the_file_and_field(adapted, tmp_path):
+    import json
+
+    from loldu_triton import load_loldu
+    from test_adapters import read_file, write_legacy
+    from safetensors.torch import save
+
+    save_loldu(adapted, tmp_path / "new")
+    config, tensors = read_file(tmp_path / "new")
+    (tmp_path / "new" / "loldu_adapter.safetensors").write_bytes(save(tensors, metadata={
+        "format": "loldu-triton-adapter", "format_version": "²", "config": json.dumps(config), "checksum": "0"}))
+    write_legacy(adapted, tmp_path / "first")
+    legacy = json.loads((tmp_path / "first" / "adapter_config.json").read_text())
+    legacy["layers"]["0"]["weight_shape"] = [5, True]
+    (tmp_path / "first" / "adapter_config.json").write_text(json.dumps(legacy))
+    for directory, match in ((tmp_path / "new", r"loldu_adapter.safetensors: format_version must be a number "
+                                                r"written in ASCII digits, got '²'"),
+                             (tmp_path / "first", r"adapter_config.json: layer '0': weight_shape must be a number "
+                                                  r"written in ASCII digits, got True")):
+        model = copy.deepcopy(adapted)
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=match):
+            load_loldu(model, directory)
+        assert_unchanged(model, before)
