@@ -175,3 +175,44 @@ def test_a_superscript_version_names_the_file_and_field(adapted, tmp_path):
         with pytest.raises(ValueError, match=match):
             load_loldu(model, directory)
         assert_unchanged(model, before)
+
+
+# ---- adapter_batch under torch.compile ---------------------------------------------------------------------
+
+
+def test_adapter_batch_under_compile_fullgraph_is_refused_by_name_and_without_fullgraph_runs_exactly(adapted):
+    from kernel_checks import mismatches
+    from loldu_triton import adapter_batch
+    from loldu_triton.layers.batch import batches_open
+    from test_state_machine import reference
+
+    torch._dynamo.reset()
+    for _, layer in loldu_layers(adapted):
+        layer.set_named_adapter("a", layer.d.detach() + 0.5)
+    x = torch.randn(3, 6)
+    names = ["a", None, "default"]
+    strict = torch.compile(adapted, fullgraph=True, backend="aot_eager")
+    strict(x)
+    before = snapshot(adapted)
+    with pytest.raises(RuntimeError, match=r"^adapter_batch does not run under torch.compile\(fullgraph=True\) .*"
+                                           r"call the model that was not compiled"):
+        with adapter_batch(adapted, names):
+            strict(x)
+    assert_unchanged(adapted, before)
+    assert batches_open() == 0 and strict(x).shape == (3, 4)
+
+    loose = torch.compile(adapted, backend="aot_eager")  # the LoLDU layers break the graph and run eagerly
+    layers = dict(loldu_layers(adapted))
+    seen = {}
+    hooks = [layer.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o)))
+             for n, layer in layers.items()]
+    with adapter_batch(adapted, names):
+        loose(x)
+    for h in hooks:
+        h.remove()
+    for n, layer in layers.items():
+        inputs, y = seen[n]
+        for row, name in enumerate(names):
+            values = None if name is None else layer.adapter_values(name)
+            ref, scale, k = reference(inputs[row:row + 1], layer, values)
+            assert not mismatches(y[row:row + 1], ref, scale, k, torch.float32, f"{n} row {row}")

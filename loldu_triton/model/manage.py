@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..core.settings import check_adapter_name
-from ..layers.batch import batch_rows_scope
+from ..layers.batch import COMPILED_BATCH, batch_rows_scope
 from ..layers.linear import LoLDULinear
 from .targeting import layers_or_error, list_adapters, loldu_layers, refuse_merged, replace_module
 
@@ -226,4 +226,9 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator[
     rows = {layer: torch.tensor([layer.batch_table_row(n) for n in names], dtype=torch.int64,
                                 device=layer.weight.device) for _, layer in layers}
     with batch_rows_scope(rows):
-        yield model
+        try:
+            yield model
+        except Exception as err:
+            if COMPILED_BATCH in str(err) and str(err) != COMPILED_BATCH:
+                raise RuntimeError(COMPILED_BATCH) from None  # dynamo's wrapping buries our reason
+            raise
