@@ -47,6 +47,8 @@ class _Switch:
         return self.model
 
     def __exit__(self, *exc) -> bool:
+        if not self.open:
+            raise RuntimeError("disable_loldu/enable_loldu: __exit__ without a matching __enter__")
         for layer, enabled in self.open.pop():
             layer.loldu_enabled = enabled
             layer.__dict__["_loldu_blocks"] -= 1
