@@ -56,6 +56,10 @@ class LoLDUStates(RuleBasedStateMachine):
         self.merged = False
         self.active = "default"
         self.values = {"default": self.read_active()}  # adapter name -> {layer: (d, s)}
+        self.values["a"] = {}
+        for n, layer in self.layers.items():  # one named adapter from the start, so that every verb has work
+            layer.set_named_adapter("a", layer.d.detach() - 0.2, layer.s.detach() * 1.5)
+            self.values["a"][n] = tuple(v.clone() for v in layer.adapter_values("a"))
         self.saved = []  # what each saved folder holds: {layer: (d, s)}
         self.switches = []  # [switch object, pending 'before' or None]
         self.stack = []  # (switch index, {layer: enabled before}) per open block
