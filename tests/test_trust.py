@@ -216,3 +216,38 @@ def test_adapter_batch_under_compile_fullgraph_is_refused_by_name_and_without_fu
             values = None if name is None else layer.adapter_values(name)
             ref, scale, k = reference(inputs[row:row + 1], layer, values)
             assert not mismatches(y[row:row + 1], ref, scale, k, torch.float32, f"{n} row {row}")
+
+
+def test_a_compiled_model_follows_every_state_change():
+    # The compiled graph must be re-traced when a flag changes: a missing guard served W0 + 2 delta once merged.
+    from kernel_checks import mismatches
+    from loldu_triton import disable_loldu, enable_loldu, merge_loldu, unmerge_loldu
+    from test_state_machine import reference
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    add_loldu(model, rank=2)
+    layer = model[0]
+    with torch.no_grad():
+        layer.d.add_(1.0)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 6)
+
+    def check(enabled):
+        ref, scale, n = reference(x, layer, (layer.d, layer.s) if enabled else None)
+        with torch.no_grad():
+            bad = mismatches(compiled(x), ref, scale, n, torch.float32, f"enabled={enabled}")
+        assert not bad, "\n".join(bad)
+
+    check(True)
+    with disable_loldu(model):
+        check(False)
+    merge_loldu(model, reversible=True)
+    check(True)
+    disable_loldu(model)
+    check(False)
+    enable_loldu(model)
+    check(True)
+    unmerge_loldu(model)
+    check(True)

@@ -119,22 +119,26 @@ class LoLDULayer(LoLDUMixin):
     # The layer's state is two independent flags, enabled and merged (plus the adapter names, in state.py);
     # model/manage.py holds the transitions. Merged, ``weight`` is what the flags say to serve: W0 + delta when
     # enabled, W0 when disabled; the other tensor waits in __dict__["_premerge"].
+    # Plain attributes, which torch.compile guards (a key missing from __dict__ it does not).
+    _loldu_on = True
+    _loldu_merged = False
+
     @property
     def loldu_enabled(self) -> bool:
         """Whether the adapter acts: False serves the base W0, merged or not."""
-        return self.__dict__.get("_loldu_on", True)
+        return self._loldu_on
 
     @loldu_enabled.setter
     def loldu_enabled(self, enabled: bool) -> None:
         enabled = bool(enabled)
         if self.loldu_merged and enabled != self.loldu_enabled:
             self.weight, self.__dict__["_premerge"] = self.__dict__["_premerge"], self.weight
-        self.__dict__["_loldu_on"] = enabled
+        self._loldu_on = enabled
 
     @property
     def loldu_merged(self) -> bool:
         """Whether merge_weights() holds W0 + delta ready (until unmerge_weights())."""
-        return "_premerge" in self.__dict__
+        return self._loldu_merged
 
     def base_weight(self) -> torch.Tensor:
         """The base weight tensor W0 itself, merged or not."""
@@ -163,6 +167,7 @@ class LoLDULayer(LoLDUMixin):
             self.weight = merged
         else:
             self.__dict__["_premerge"] = merged
+        self._loldu_merged = True
 
     def unmerge_weights(self) -> None:
         """Undo merge_weights(): the base weight (the same tensor) comes back; enabled stays as it is."""
@@ -170,6 +175,7 @@ class LoLDULayer(LoLDUMixin):
             return
         base = self.base_weight()
         del self.__dict__["_premerge"]
+        self._loldu_merged = False
         self.weight = base
 
     def factor_weight(self) -> torch.Tensor:
