@@ -253,7 +253,7 @@ def crafted(config, tensors):
         "init bogus": (lambda: layers["lm_head"].update(init="zeros"), r"layer 'lm_head': init must be one of"),
         "type bogus": (lambda: layers["lm_head"].update(type="Bilinear"), r"layer 'lm_head': type must be one of"),
         "shape bogus": (lambda: layers["lm_head"].update(weight_shape=[6, -16]),
-                        r"layer 'lm_head': weight_shape must be a list of positive ints"),
+                        r"layer 'lm_head': weight_shape must be a number written in ASCII digits, got -16"),
         "precision bogus": (lambda: layers["lm_head"]["base"].update(precision="float8"),
                             r"layer 'lm_head': base precision must be one of"),
         "pivots repeated": (lambda: tensors["lm_head.pivots"].fill_(1), r"lm_head.pivots must be 3 distinct rows"),

@@ -60,7 +60,7 @@ def assert_same(model, before):
 
 def test_config_checks_every_field_when_built_and_when_set():
     config = LoLDUConfig(rank=16, target_modules=("q_proj", "v_proj"))
-    assert config.target_modules == ["q_proj", "v_proj"] and config.alpha is None and config.init == "lu"
+    assert config.target_modules == ("q_proj", "v_proj") and config.alpha is None and config.init == "lu"
     bad = [dict(rank=0), dict(rank=2.5), dict(rank=True), dict(rank="16"), dict(alpha=float("nan")),
            dict(alpha=-1), dict(init="zeros"), dict(init_seed=1.5), dict(target_modules=[]),
            dict(target_modules=["q", 3]), dict(target_modules="("), dict(base_quantization="int4"),
@@ -90,7 +90,7 @@ def test_config_dict_round_trip_and_hostile_dicts_name_the_source_and_field():
         LoLDUConfig.from_dict([], "my.json")
     listed = LoLDUConfig(target_modules=["a"])
     listed.to_dict()["target_modules"].append("b")  # to_dict hands out a copy
-    assert listed.target_modules == ["a"]
+    assert listed.target_modules == ("a",)
 
 
 def test_get_loldu_model_adapts_freezes_the_rest_and_returns_the_model(capsys):
@@ -134,8 +134,8 @@ def test_adapter_file_stores_the_config_and_from_pretrained_reads_it_back(tmp_pa
         get_loldu_model(model, LoLDUConfig(rank=10, init="normal", init_seed=7, target_modules=TARGETS))
     save_loldu(model, tmp_path)  # lm_head (6 x 16) was lowered to rank 6: the common config still says 10
     config = LoLDUConfig.from_pretrained(tmp_path)
-    assert config == LoLDUConfig(rank=10, alpha=None, init="normal", init_seed=7, target_modules=[
-        "layers.0.q_proj", "layers.0.v_proj", "layers.1.q_proj", "layers.1.v_proj", "lm_head"])
+    assert config == LoLDUConfig(rank=10, alpha=None, init="normal", init_seed=7, target_modules=(
+        r"layers\.0\.q_proj|layers\.0\.v_proj|layers\.1\.q_proj|layers\.1\.v_proj|lm_head"))
     fresh = TinyLM()
     fresh.load_state_dict(base)
     with pytest.warns(UserWarning, match="holds at most rank 6"):
@@ -329,12 +329,14 @@ def test_reversible_merge_serves_the_trained_function_and_unmerge_gives_the_base
     reference.assert_close(serving(x), "merged")
     assert "merged" in repr(serving.lm_head)
     before = full_snapshot(serving)
-    for call in (lambda: disable_loldu(serving), lambda: set_adapter(serving, "a"),
+    for call in (lambda: set_adapter(serving, "a"),
                  lambda: load_loldu(serving, tmp_path / "a"), lambda: adapter_batch(serving, [None]).__enter__()):
         with pytest.raises(ValueError, match=r"are merged \(merge_loldu\(model, reversible=True\)\); call "
                                              r"unmerge_loldu\(model\) first"):
             call()
         assert_same(serving, before)
+    with disable_loldu(serving):  # merged and disabled: the base itself (state rules)
+        assert torch.equal(serving(x), base(x)) and serving.lm_head.loldu_merged
     save_loldu(serving, tmp_path / "while-merged")  # the base's fingerprint, not the merged weight's
     unmerge_loldu(serving)
     for n, m in loldu_layers(serving):

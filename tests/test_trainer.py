@@ -72,3 +72,40 @@ def test_trainer_saves_the_adapter_at_each_checkpoint_resumes_and_the_final_adap
 def test_callback_checks_its_argument():
     with pytest.raises(ValueError, match="adapter_name must be None or a non-empty string"):
         LoLDUCheckpointCallback(adapter_name=3)
+
+
+def test_a_failed_checkpoint_warns_training_goes_on_and_the_last_good_adapter_loads(tmp_path, monkeypatch):
+    import errno
+
+    import loldu_triton.files.adapters as adapters
+
+    real, calls = adapters.atomic_write, []
+
+    def full_once(path, data):  # the disk is full at the second checkpoint only, after a partial write
+        calls.append(path)
+        if len(calls) == 2:
+            path.with_name(".partial.tmp").write_bytes(data[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(adapters, "atomic_write", full_once)
+    base = base_llama()
+    base_state = copy.deepcopy(base.state_dict())
+    model = get_loldu_model(base, CONFIG)
+    trainer = trainer_for(model, tmp_path / "run")
+    trainer.args.save_steps = 2
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, LoLDUCheckpointCallback))
+    with pytest.warns(UserWarning, match=r"LoLDUCheckpointCallback: the LoLDU adapter of step 4 was not saved into "
+                                         r".*checkpoint-4 \(No space left on device\); training goes on"):
+        trainer.train()
+    assert trainer.state.global_step == 6 and callback.failed_steps == [4] and len(calls) == 3
+    run = tmp_path / "run"
+    assert not (run / "checkpoint-4" / ADAPTER_NAME).exists()
+    assert (run / "checkpoint-2" / ADAPTER_NAME).is_file() and (run / "checkpoint-6" / ADAPTER_NAME).is_file()
+    ids = Tokens().ids[:3]
+    for step in (2, 6):  # the good checkpoints load; the last one gives the trained model
+        serving = base_llama()
+        serving.load_state_dict(base_state)
+        load_loldu(serving.eval(), run / f"checkpoint-{step}")
+    with torch.no_grad():
+        assert torch.equal(serving(input_ids=ids).logits, model.eval()(input_ids=ids).logits)

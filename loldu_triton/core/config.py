@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import Optional, Sequence, Union
 
 from .fileformat import read_common_settings
-from .settings import FIELD_CHECKS, check_fields
+from .settings import FIELD_CHECKS, check_fields, exact_names
 
 
 @dataclass
@@ -17,7 +17,8 @@ class LoLDUConfig:
     - alpha: e's initial scale is alpha / rank; None means alpha = rank (scale 1, the paper's setting).
     - init: the initial diagonal, one of INITS; init_seed seeds the random ones.
     - target_modules: None (every nn.Linear), "all-linear" (all but the output layer), a list of layer names
-      (suffix match) or a regex (full match); names and regexes may pick nn.Conv2d and nn.Embedding too.
+      (suffix match; kept as a tuple) or a regex (full match); names and regexes may pick nn.Conv2d and
+      nn.Embedding too.
     - base_quantization: None, "int8" or "fp8": keep each adapted nn.Linear's frozen weight quantized.
     - backend: "auto", "torch" or "triton" (a runtime choice; adapter files do not record it).
 
@@ -28,7 +29,7 @@ class LoLDUConfig:
     alpha: Optional[float] = None
     init: str = "lu"
     init_seed: int = 0
-    target_modules: Union[None, str, List[str]] = None
+    target_modules: Union[None, str, Sequence[str]] = None
     base_quantization: Optional[str] = None
     backend: str = "auto"
 
@@ -41,7 +42,7 @@ class LoLDUConfig:
     def to_dict(self) -> dict:
         """The fields as plain JSON values (a new list for target_modules)."""
         data = {name: getattr(self, name) for name in FIELD_CHECKS}
-        if isinstance(data["target_modules"], list):
+        if isinstance(data["target_modules"], tuple):
             data["target_modules"] = list(data["target_modules"])
         return data
 
@@ -54,5 +55,7 @@ class LoLDUConfig:
     @classmethod
     def from_pretrained(cls, directory) -> "LoLDUConfig":
         """The config an adapter directory (written by save_loldu) was trained with: add_loldu with it on the
-        same base adapts the same layers with the same settings. The file is checked as load_loldu checks it."""
-        return cls(**read_common_settings(directory))
+        same base adapts the same layers with the same settings: target_modules is a regex that selects exactly
+        the layers the file holds. The file is checked as load_loldu checks it."""
+        settings, layer_names = read_common_settings(directory)
+        return cls(**{**settings, "target_modules": exact_names(layer_names)})

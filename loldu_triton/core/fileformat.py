@@ -49,12 +49,15 @@ SKETCH_PROBES = 8
 LAYER_TYPES = ("Linear", "Conv2d", "Embedding")
 
 
-def parse_count(text, where: str) -> int:
-    """A count stored as text in a file: ASCII digits only (str.isdigit() also takes superscripts, which int()
-    refuses), as an int; anything else is an error naming ``where`` (the file and the field)."""
-    if not isinstance(text, str) or not re.fullmatch(r"[0-9]{1,18}", text):
-        raise ValueError(f"{where} must be a number written in ASCII digits, got {text!r}")
-    return int(text)
+def parse_count(value, where: str) -> int:
+    """The one parser of a number in a file: a JSON int (not a bool) or ASCII digits in a string (str.isdigit()
+    also takes superscripts, which int() refuses), at most 18 digits, as an int; anything else is an error
+    naming ``where`` (the file and the field)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10 ** 18:
+        return value
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9]{1,18}", value):
+        raise ValueError(f"{where} must be a number written in ASCII digits, got {value!r}")
+    return int(value)
 
 
 def file_where(path: Path, field: str = "") -> str:
@@ -161,6 +164,40 @@ def remove_legacy(directory: Path) -> None:
                 pass
 
 
+# What a folder holds, so that no write replaces an adapter of another kind (the first format's file names are
+# PEFT's too).
+ADAPTER_KINDS = {"loldu": f"a LoLDU adapter ({ADAPTER_NAME})",
+                 "loldu-first": f"a LoLDU adapter of the first format ({LEGACY_CONFIG_NAME} + {LEGACY_WEIGHTS_NAME})",
+                 "lora": f"a PEFT LoRA adapter ({LEGACY_CONFIG_NAME} + {LEGACY_WEIGHTS_NAME})",
+                 "other": f"another kind of adapter ({LEGACY_CONFIG_NAME} or {LEGACY_WEIGHTS_NAME})"}
+
+
+def folder_adapter(directory: Path) -> Optional[str]:
+    """Which of ADAPTER_KINDS ``directory`` holds, by its files, or None."""
+    if os.path.lexists(directory / ADAPTER_NAME):
+        return "loldu"
+    config = directory / LEGACY_CONFIG_NAME
+    if os.path.lexists(config):
+        try:
+            data = json.loads(read_regular_file(config, "config"))
+        except (OSError, ValueError, RecursionError):
+            return "other"
+        if isinstance(data, dict) and data.get("format") == FORMAT:
+            return "loldu-first"
+        return "lora" if isinstance(data, dict) and data.get("peft_type") == "LORA" else "other"
+    return "other" if os.path.lexists(directory / LEGACY_WEIGHTS_NAME) else None
+
+
+def refuse_other_adapter(directory: Path, mine: Tuple[str, ...], where: str, overwrite) -> None:
+    """Raise, before anything is written, when ``directory`` holds an adapter of a kind not in ``mine``."""
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"{where}: overwrite must be True or False, got {overwrite!r}")
+    kind = folder_adapter(directory)
+    if kind is not None and kind not in mine and not overwrite:
+        raise ValueError(f"{where}: {directory} holds {ADAPTER_KINDS[kind]}; nothing was written. Choose another "
+                         f"folder, or pass overwrite=True to write there anyway")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Reading and checking
 # --------------------------------------------------------------------------------------------------------------
@@ -194,8 +231,10 @@ def check_layer_spec(name, spec, path: Path, legacy: bool) -> dict:
         raise ValueError(f"{file_where(path, where)}: type must be one of {sorted(LAYER_TYPES)}, "
                          f"got {kind!r}")
     shape = required_field(spec, "weight_shape", path, where)
-    if (not isinstance(shape, list) or len(shape) < 2
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+    if not isinstance(shape, list) or len(shape) < 2 or not all(isinstance(n, int) for n in shape):
+        raise ValueError(f"{file_where(path, where)}: weight_shape must be a list of positive ints, got {shape!r}")
+    shape = [parse_count(n, file_where(path, f"{where}: weight_shape")) for n in shape]
+    if not all(shape):
         raise ValueError(f"{file_where(path, where)}: weight_shape must be a list of positive ints, got {shape!r}")
     base = required_field(spec, "base", path, where)
     if not isinstance(base, dict) or not isinstance(base.get("sha256"), str):
@@ -299,8 +338,9 @@ def read_legacy(directory: Path) -> Tuple[Dict[str, dict], Dict[str, torch.Tenso
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"load_loldu: {path} is not a loldu-triton adapter config")
     version = config.get("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
+    if not isinstance(version, int):  # a JSON number in this format, never a string
         raise ValueError(f"{file_where(path, 'format_version')} must be an int, got {version!r}")
+    version = parse_count(version, file_where(path, "format_version"))
     if version > LEGACY_FORMAT_VERSION:
         raise ValueError(f"load_loldu: {path} has format version {version}, newer than this library "
                          f"({__version__}) reads")
@@ -323,12 +363,13 @@ def read_adapter(directory) -> Tuple[Dict[str, dict], Dict[str, torch.Tensor]]:
     return layers, tensors
 
 
-def read_common_settings(directory) -> dict:
-    """The LoLDUConfig fields stored with the adapter in ``directory`` (see LoLDUConfig.from_pretrained)."""
+def read_common_settings(directory) -> Tuple[dict, list]:
+    """(The LoLDUConfig fields stored with the adapter in ``directory``, the names of its layers); see
+    LoLDUConfig.from_pretrained."""
     layers, _, config, path = read_adapter_files(Path(directory))
     common = check_common(config, path)
     if common is None:
         settings = {name: (spec["rank"], spec["alpha"], spec["init"]) for name, spec in layers.items()}
         raise ValueError(f"{file_where(path)}: stores no single LoLDUConfig (its layers were adapted with different "
                          f"settings, or it predates stored configs); per layer (rank, alpha, init): {settings}")
-    return common
+    return common, list(layers)

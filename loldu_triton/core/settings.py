@@ -118,7 +118,7 @@ def is_finite_number(value) -> bool:
 
 def check_target_modules(targets, where: str):
     """None (every nn.Linear), "all-linear", a regex (full match) or a non-empty list of layer names (suffix
-    match); a list comes back as a new list."""
+    match); a list comes back as a tuple, so that a checked value cannot be changed afterwards."""
     if targets is None:
         return None
     if isinstance(targets, str):
@@ -132,9 +132,14 @@ def check_target_modules(targets, where: str):
     if isinstance(targets, (list, tuple, set, frozenset)):
         names = sorted(targets) if isinstance(targets, (set, frozenset)) else list(targets)
         if names and all(isinstance(n, str) and n for n in names):
-            return names
+            return tuple(names)
     raise ValueError(f"{where}: target_modules must be None, 'all-linear', a regex or a non-empty list of layer "
                      f"names, got {targets!r}")
+
+
+def exact_names(names) -> str:
+    """A target_modules regex that selects exactly the layers ``names`` (a list would match by suffix)."""
+    return "|".join(re.escape(n) for n in names)
 
 
 class RankClampWarning(UserWarning):

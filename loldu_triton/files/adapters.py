@@ -11,8 +11,8 @@ import torch.nn as nn
 
 from .._version import __version__
 from ..core.config import LoLDUConfig
-from ..core.fileformat import (ADAPTER_NAME, LAYER_FIELDS, PIVOT_VALUE_RTOL, atomic_write, read_adapter, remove_legacy,
-                               serialize)
+from ..core.fileformat import (ADAPTER_NAME, LAYER_FIELDS, PIVOT_VALUE_RTOL, atomic_write, read_adapter,
+                               refuse_other_adapter, remove_legacy, serialize)
 from ..core.settings import check_adapter_name, warn_caller
 from ..factors.fingerprint import sketch_gap, sketch_tolerance
 from ..layers.base import LoLDULayer
@@ -55,14 +55,16 @@ def common_config(layers) -> Optional[LoLDUConfig]:
                        target_modules=[name for name, _ in layers])
 
 
-def save_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None) -> Path:
+def save_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None, overwrite: bool = False) -> Path:
     """Write one adapter of the model to ``directory`` (created if needed); returns the directory.
 
     adapter_name=None saves the trainable adapter; a name saves that adapter (trainable or named) of every
     layer that has it. Either way the file loads back as it was saved: ``load_loldu(base, directory)`` makes it
     the trainable adapter, ``load_loldu(base, directory, adapter_name=name)`` a named one, with the same d and s
     bit for bit. The adapter goes into one file, replaced atomically: an interrupted save leaves the previous
-    adapter as it was. Non-finite values are refused before anything is written."""
+    adapter as it was. Non-finite values are refused before anything is written. A folder that holds another
+    kind of adapter (a PEFT LoRA adapter, say) is refused unless ``overwrite=True``; a LoLDU adapter of either
+    format is replaced."""
     layers = adapter_layers(model, adapter_name, "save_loldu")
     records, tensors = {}, {}
     for name, layer in layers:
@@ -83,6 +85,7 @@ def save_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None) 
     config = {"library_version": __version__, **fields, "layers": records}
     data = serialize(tensors, json.dumps(config, separators=(",", ":")))
     directory = Path(directory)
+    refuse_other_adapter(directory, ("loldu", "loldu-first"), "save_loldu", overwrite)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / ADAPTER_NAME, data)
     remove_legacy(directory)
@@ -159,6 +162,12 @@ def load_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None) 
             raise ValueError(f"load_loldu: layer {name!r} has named adapters {list(module.adapter_names)} on "
                              f"LoLDU with (rank, alpha, init, init_seed) = {current}; the adapter needs "
                              f"{settings}, which would drop them. Remove LoLDU from the model first")
+        elif current is not None and module.base_quantization is not None:
+            raise ValueError(f"load_loldu: layer {name!r} has a quantized ({module.base_quantization}) base with "
+                             f"LoLDU at (rank, alpha, init, init_seed) = {current}; the adapter in {directory} "
+                             f"needs {settings}, whose factors would come from the dequantized weight, not the "
+                             f"one it was trained on. Add LoLDU with the adapter's settings to the full-precision "
+                             f"base (LoLDUConfig.from_pretrained, base_quantization included), then load")
         else:
             reason = offloaded_reason(name, modules) or why_not_adaptable(name, module, modules[name.rpartition(".")[0]])
             if reason:

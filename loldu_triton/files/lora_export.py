@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save as save_safetensors
 
-from ..core.fileformat import atomic_write
+from ..core.fileformat import atomic_write, refuse_other_adapter
 from ..layers.base import LoLDULayer
 from ..layers.conv_embedding import LoLDUConv2d, LoLDUEmbedding
 from ..model.targeting import adapter_layers
@@ -67,7 +67,7 @@ def _target_modules(model: nn.Module, names):
 
 
 def export_lora(model: nn.Module, directory, adapter_name: Optional[str] = None,
-                dtype: torch.dtype = torch.float32) -> Path:
+                dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
     """Write an adapter of ``model`` as a standard PEFT LoRA adapter in ``directory``; returns the directory.
 
     ``adapter_config.json`` (peft_type LORA, r, lora_alpha = r, target_modules, base_model_name_or_path when the
@@ -79,6 +79,8 @@ def export_lora(model: nn.Module, directory, adapter_name: Optional[str] = None,
     dilated convolutions, non-zero padding modes) are refused by name, before anything is written.
 
     The file is as large as a rank-r LoRA (r x (in + out) values a layer), not r + 1 values as LoLDU's own.
+    A folder that holds another kind of adapter (a LoLDU adapter of either format, say) is refused unless
+    ``overwrite=True``; a LoRA adapter there is replaced.
     """
     where = "export_lora"
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -118,6 +120,7 @@ def export_lora(model: nn.Module, directory, adapter_name: Optional[str] = None,
         "inference_mode": True,
     }
     directory = Path(directory)
+    refuse_other_adapter(directory, ("lora",), where, overwrite)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / LORA_WEIGHTS_NAME, save_safetensors(tensors, metadata={"format": "pt"}))
     atomic_write(directory / LORA_CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())

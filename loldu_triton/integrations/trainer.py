@@ -20,10 +20,12 @@ from ..files.adapters import save_loldu
 
 class LoLDUCheckpointCallback(TrainerCallback):
     """Saves the model's LoLDU adapter (``adapter_name``: None for the trainable one) into each checkpoint
-    folder Trainer writes, ``<output_dir>/checkpoint-<step>/``, on the main process only."""
+    folder Trainer writes, ``<output_dir>/checkpoint-<step>/``, on the main process only. A save that fails
+    with an OSError (a full disk) warns and is listed in ``failed_steps``; training goes on."""
 
     def __init__(self, adapter_name: Optional[str] = None):
         self.adapter_name = check_adapter_name(adapter_name, "LoLDUCheckpointCallback", allow_none=True)
+        self.failed_steps = []  # steps whose adapter could not be written
 
     def on_save(self, args, state, control, model=None, **kwargs):
         """Trainer calls this right after it wrote a checkpoint."""
@@ -34,4 +36,10 @@ class LoLDUCheckpointCallback(TrainerCallback):
             warn_caller(f"LoLDUCheckpointCallback: no checkpoint folder {folder}; the LoLDU adapter of step "
                         f"{state.global_step} was not saved")
             return
-        save_loldu(model, folder, adapter_name=self.adapter_name)
+        try:
+            save_loldu(model, folder, adapter_name=self.adapter_name)
+        except OSError as err:  # a full disk, say: training goes on, the next checkpoint tries again
+            self.failed_steps.append(state.global_step)
+            warn_caller(f"LoLDUCheckpointCallback: the LoLDU adapter of step {state.global_step} was not saved "
+                        f"into {folder} ({err.strerror or err}); training goes on and the next checkpoint tries "
+                        f"again. Earlier adapters are untouched (saves replace files atomically)")

@@ -103,7 +103,7 @@ class LoLDULayer(LoLDUMixin):
         if self.base_identity is not None:
             return self.base_identity
         if self.loldu_merged:  # (never quantized: merge_weights refuses those)
-            weight = self.__dict__["_premerge"][0]
+            weight = self.base_weight()
             return (weight_checksum(weight), weight_sketch(weight.reshape(weight.shape[0], -1)),
                     str(weight.dtype).replace("torch.", ""))
         if self.weight.is_meta:
@@ -116,16 +116,45 @@ class LoLDULayer(LoLDUMixin):
         return LoLDUConfig(rank=self.rank, alpha=self.alpha, init=self.init, init_seed=self.init_seed,
                            base_quantization=self.base_quantization, backend=self.backend)
 
+    # The layer's state is two independent flags, enabled and merged (plus the adapter names, in state.py);
+    # model/manage.py holds the transitions. Merged, ``weight`` is what the flags say to serve: W0 + delta when
+    # enabled, W0 when disabled; the other tensor waits in __dict__["_premerge"].
+    # Plain attributes, which torch.compile guards (a key missing from __dict__ it does not).
+    _loldu_on = True
+    _loldu_merged = False
+
+    @property
+    def loldu_enabled(self) -> bool:
+        """Whether the adapter acts: False serves the base W0, merged or not."""
+        return self._loldu_on
+
+    @loldu_enabled.setter
+    def loldu_enabled(self, enabled: bool) -> None:
+        enabled = bool(enabled)
+        if self.loldu_merged and enabled != self.loldu_enabled:
+            self.weight, self.__dict__["_premerge"] = self.__dict__["_premerge"], self.weight
+        self._loldu_on = enabled
+
     @property
     def loldu_merged(self) -> bool:
-        """Whether merge_weights() put W0 + delta into ``weight`` (until unmerge_weights())."""
-        return "_premerge" in self.__dict__
+        """Whether merge_weights() holds W0 + delta ready (until unmerge_weights())."""
+        return self._loldu_merged
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight tensor W0 itself, merged or not."""
+        if self.loldu_merged and self.loldu_enabled:
+            return self.__dict__["_premerge"]
+        return self.weight
+
+    def serves_plain(self) -> bool:
+        """Whether forward is the base layer's on ``weight``: disabled, or merged."""
+        return not self.loldu_enabled or self.loldu_merged
 
     @torch.no_grad()
     def merge_weights(self) -> None:
-        """Serve with ``weight`` = W0 + L diag(e) U (one plain GEMM, no rank-r path), keeping the base weight
-        itself aside: unmerge_weights() puts that same tensor back, so the base is restored bit for bit and
-        training can go on. A layer already merged stays as it is."""
+        """Serve with W0 + L diag(e) U in one plain GEMM (no rank-r path), keeping the base weight itself
+        aside: unmerge_weights() puts that same tensor back, bit for bit, and training can go on. The enabled
+        flag is left as it is (disabled, the base is served). A layer already merged stays as it is."""
         if self.loldu_merged:
             return
         if self.base_quantization is not None:
@@ -133,17 +162,21 @@ class LoLDULayer(LoLDUMixin):
                              f"would be a full-precision copy next to it. Serve it unmerged (the kernels "
                              f"dequantize in the GEMM), or merge for good with merge_loldu(model)")
         merged = nn.Parameter(self.merged_weight(), requires_grad=False)
-        self.__dict__["_premerge"] = (self.weight, self.loldu_enabled)
-        self.weight = merged
-        self.loldu_enabled = False  # forward's plain path, now on the merged weight
+        if self.loldu_enabled:
+            self.__dict__["_premerge"] = self.weight
+            self.weight = merged
+        else:
+            self.__dict__["_premerge"] = merged
+        self._loldu_merged = True
 
     def unmerge_weights(self) -> None:
-        """Undo merge_weights(): the base weight (the same tensor) and the enabled state come back."""
+        """Undo merge_weights(): the base weight (the same tensor) comes back; enabled stays as it is."""
         if not self.loldu_merged:
             return
-        weight, enabled = self.__dict__.pop("_premerge")
-        self.weight = weight
-        self.loldu_enabled = enabled
+        base = self.base_weight()
+        del self.__dict__["_premerge"]
+        self._loldu_merged = False
+        self.weight = base
 
     def factor_weight(self) -> torch.Tensor:
         """The 2-D weight the factors come from: the weight, or a quantized one dequantized (its unquantized
@@ -163,6 +196,10 @@ class LoLDULayer(LoLDUMixin):
                              weight_scale=getattr(self, "weight_scale", None))
         return merged.view(self.weight.shape)
 
+    def merged_weight_held(self) -> torch.Tensor:
+        """The W0 + delta that merge_weights() computed."""
+        return self.weight if self.loldu_enabled else self.__dict__["_premerge"]
+
     def to_base(self, merge: bool) -> nn.Module:
         """The plain base layer: the base weight itself (merge=False) or W0 + delta (merge=True), also from a
         layer that merge_weights() merged."""
@@ -175,10 +212,10 @@ class LoLDULayer(LoLDUMixin):
         base._non_persistent_buffers_set &= buffers
         w_grad, b_grad = self.base_requires_grad
         if merge:
-            merged = self.weight if self.loldu_merged else self.merged_weight()
+            merged = self.merged_weight_held() if self.loldu_merged else self.merged_weight()
             base.weight = nn.Parameter(merged.detach(), requires_grad=w_grad)
         elif self.loldu_merged:
-            base.weight = self.__dict__["_premerge"][0]
+            base.weight = self.base_weight()
         elif self.base_quantization is not None:  # the dequantized base: the unquantized one is gone
             base.weight = nn.Parameter(self.dense_weight().detach().clone(), requires_grad=w_grad)
         else:
@@ -217,5 +254,5 @@ class LoLDULayer(LoLDUMixin):
                              f"expected {expected}")
 
     def _loldu_repr(self) -> str:
-        state = ", merged" if self.loldu_merged else "" if self.loldu_enabled else ", disabled"
+        state = (", merged" if self.loldu_merged else "") + ("" if self.loldu_enabled else ", disabled")
         return f", rank={self.rank}, alpha={self.alpha:g}, init={self.init!r}" + state

@@ -19,6 +19,10 @@ _BATCH_ROWS: contextvars.ContextVar[Dict[nn.Module, torch.Tensor]] = contextvars
 # How many adapter_batch contexts are open in any thread. While none is, forward skips the lookup, which
 # torch.compile cannot trace.
 _open_batches = [0]
+COMPILED_BATCH = ("adapter_batch does not run under torch.compile(fullgraph=True) (its per-row choice is "
+                  "thread-local state that a compiled graph cannot read): within adapter_batch call the model "
+                  "that was not compiled, or one compiled without fullgraph=True (its LoLDU layers then run "
+                  "eagerly)")
 _open_batches_lock = threading.Lock()
 
 
@@ -38,7 +42,11 @@ def batch_rows_scope(rows: Dict[nn.Module, torch.Tensor]) -> Iterator[None]:
 
 def batch_rows(layer: nn.Module) -> Optional[torch.Tensor]:
     """The table rows ``layer`` uses per batch element in this thread's adapter_batch, or None outside one."""
-    return _BATCH_ROWS.get().get(layer) if _open_batches[0] else None
+    if not _open_batches[0]:
+        return None
+    if torch.compiler.is_compiling():  # (dynamo cannot read a context variable; say so before it does)
+        raise RuntimeError(COMPILED_BATCH)
+    return _BATCH_ROWS.get().get(layer)
 
 
 def batches_open() -> int:

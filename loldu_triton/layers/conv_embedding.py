@@ -22,7 +22,7 @@ class LoLDUConv2d(LoLDULayer, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_width(x, -3, self.in_channels, "channel dim")
-        if not self.loldu_enabled:
+        if self.serves_plain():
             return self._conv_forward(x, self.weight, self.bias)
         weight = loldu_merged_weight(self.weight2d(), self.L, self.U, self.delta_diagonal(), backend="torch")
         return self._conv_forward(x, weight.view_as(self.weight), self.bias)
@@ -52,7 +52,7 @@ class LoLDUEmbedding(LoLDULayer, nn.Embedding):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         y = F.embedding(idx, self.weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq,
                         self.sparse)
-        if not self.loldu_enabled:
+        if self.serves_plain():
             return y
         rows = F.embedding(idx, self.L)  # (a new tensor: the side term goes into it in place)
         add_side_term(y.view(-1, y.shape[-1]), rows.view(-1, self.rank), self.delta_diagonal(), self.U)

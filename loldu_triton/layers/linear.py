@@ -106,7 +106,7 @@ class LoLDULinear(LoLDULayer, nn.Linear):
         self.base_quantization = kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.loldu_enabled:
+        if self.serves_plain():
             self._check_width(x, -1, self.in_features, "last dim")
             return F.linear(x, self.dense_weight(), self.bias)
         rows_here = batch_rows(self)

@@ -177,9 +177,9 @@ class LoLDUMixin:
         # d and s may have moved through .data, which leaves version counters as they were
         self.__dict__.pop("_scaled_u_entry", None)
         stash = self.__dict__.get("_premerge")
-        if stash is not None:  # the base weight set aside by merge_weights() goes wherever the layer goes
+        if stash is not None:  # the weight set aside by merge_weights() goes wherever the layer goes
             with torch.no_grad():
-                stash[0].data = fn(stash[0])
+                stash.data = fn(stash)
         for name, before in keep.items():
             current = getattr(self, name)
             if current.dtype != before.dtype:

@@ -9,43 +9,70 @@ import torch
 import torch.nn as nn
 
 from ..core.settings import check_adapter_name
-from ..layers.batch import batch_rows_scope
+from ..layers.batch import COMPILED_BATCH, batch_rows_scope
 from ..layers.linear import LoLDULinear
 from .targeting import layers_or_error, list_adapters, loldu_layers, refuse_merged, replace_module
 
 
-class _Switch:
-    """What disable_loldu and enable_loldu return. The change is made by the call itself; used as a context
-    manager, leaving the block (normally or by an exception) gives each layer its state from before the call."""
+# The state rules (README, "Guarantees"): each layer has two independent flags, enabled and merged, and its
+# adapter names (the trainable one, the named ones). Every verb below is one transition of them; a verb that
+# makes no sense in a state raises before changing anything.
 
-    def __init__(self, model: nn.Module, enabled: bool, where: str):
-        layers = loldu_layers(model)
-        refuse_merged(layers, where)
-        self.model = model
-        self.before = [(layer, layer.loldu_enabled) for _, layer in layers]
-        for layer, _ in self.before:
-            layer.loldu_enabled = enabled
+
+class _Switch:
+    """What disable_loldu and enable_loldu return. The call makes the change; used as a context manager, the
+    block restores on exit each layer's enabled flag from before the change (also after an exception). Entered
+    again (the same object in a second block), it makes its change again and restores again."""
+
+    def __init__(self, model: nn.Module, enabled: bool):
+        self.model, self.enabled = model, enabled
+        self.pending = self._apply()  # the state from before the call, for the first block
+        self.open = []  # one list of (layer, enabled before) per block now open
+
+    def _apply(self):
+        before = [(layer, layer.loldu_enabled) for _, layer in loldu_layers(self.model)]
+        for layer, _ in before:
+            layer.loldu_enabled = self.enabled
+        return before
 
     def __enter__(self) -> nn.Module:
+        if self.pending is not None:
+            before, self.pending = self.pending, None
+            self._apply()
+        else:
+            before = self._apply()
+        for layer, _ in before:
+            layer.__dict__["_loldu_blocks"] = layer.__dict__.get("_loldu_blocks", 0) + 1
+        self.open.append(before)
         return self.model
 
     def __exit__(self, *exc) -> bool:
-        for layer, enabled in self.before:
+        if not self.open:
+            raise RuntimeError("disable_loldu/enable_loldu: __exit__ without a matching __enter__")
+        for layer, enabled in self.open.pop():
             layer.loldu_enabled = enabled
+            layer.__dict__["_loldu_blocks"] -= 1
         return False
 
 
 def disable_loldu(model: nn.Module) -> _Switch:
-    """Switch LoLDU off: the model computes exactly its base outputs, until ``enable_loldu(model)``.
+    """Switch LoLDU off: the model computes exactly its base outputs (merged or not), until
+    ``enable_loldu(model)``.
 
     Also a context manager, as PEFT's ``disable_adapter()``: ``with disable_loldu(model): ...`` runs the base
     model inside the block, and leaving it restores the state from before (also after an exception)."""
-    return _Switch(model, False, "disable_loldu")
+    return _Switch(model, False)
 
 
 def enable_loldu(model: nn.Module) -> _Switch:
     """Switch LoLDU back on after disable_loldu; as a context manager, only for the block."""
-    return _Switch(model, True, "enable_loldu")
+    return _Switch(model, True)
+
+
+def loldu_state(model: nn.Module) -> dict:
+    """{layer name: (enabled, merged, trainable adapter, named adapters)}: the whole state the verbs change."""
+    return {name: (layer.loldu_enabled, layer.loldu_merged, layer.active_adapter, tuple(layer.adapter_names))
+            for name, layer in loldu_layers(model)}
 
 
 def _unwrap(model: nn.Module, merge: bool, where: str) -> None:
@@ -74,7 +101,8 @@ def merge_loldu(model: nn.Module, reversible: bool = False) -> nn.Module:
 
     reversible=True: the LoLDU layers stay, with the merged weight in ``weight`` and the base weight itself
     kept aside, for serving; ``unmerge_loldu(model)`` puts the base back bit for bit to train again. While
-    merged, the adapters cannot be switched, disabled or loaded into. Quantized bases are refused (the merged
+    merged, the adapters cannot be switched (set_adapter), loaded into or batched; disable_loldu serves the
+    base, and merging leaves the enabled flag as it is. Quantized bases are refused (the merged
     weight would be a full-precision copy next to them). All layers or none are merged.
 
     Returns the model (changed in place), so ``model = merge_loldu(model)`` works as PEFT's merge_and_unload.
@@ -92,7 +120,17 @@ def merge_loldu(model: nn.Module, reversible: bool = False) -> nn.Module:
         for _, layer in layers:
             layer.merge_weights()
         return model
-    named = {name: list(layer.adapter_names) for name, layer in loldu_layers(model) if layer.adapter_names}
+    layers = loldu_layers(model)
+    blocked = [name for name, layer in layers if layer.__dict__.get("_loldu_blocks", 0)]
+    if blocked:
+        raise ValueError(f"{where}: {blocked} are inside a `with disable_loldu/enable_loldu` block, which could not "
+                         f"restore layers merged for good; merge after the block, or use "
+                         f"merge_loldu(model, reversible=True)")
+    disabled = [name for name, layer in layers if not layer.loldu_enabled]
+    if disabled:
+        raise ValueError(f"{where}: {disabled} are disabled (disable_loldu), and plain layers cannot stay so: "
+                         f"enable_loldu(model) first to merge the adapter, or remove_loldu(model) for the base")
+    named = {name: list(layer.adapter_names) for name, layer in layers if layer.adapter_names}
     if named:
         raise ValueError(f"{where}: layers hold named adapters that merging would drop: {named}. Save each "
                          f"(save_loldu(model, dir, adapter_name=name)) and delete it (delete_adapter(model, name)) "
@@ -175,6 +213,10 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator[
             raise ValueError(f"adapter_batch: layer {name!r} is a {type(layer).__name__}; mixed-adapter batches "
                              f"support LoLDULinear layers only")
     refuse_merged(layers, "adapter_batch")
+    disabled = [name for name, layer in layers if not layer.loldu_enabled]
+    if disabled:
+        raise ValueError(f"adapter_batch: {disabled} are disabled (disable_loldu), so every row would get the base; "
+                         f"enable_loldu(model) first, or name None for the rows that want the base")
     known = {None}.union(*({layer.active_adapter, *layer.adapter_names} for _, layer in layers))
     bad = [n for n in names if n is not None and not isinstance(n, str)]
     if bad:
@@ -186,4 +228,9 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator[
     rows = {layer: torch.tensor([layer.batch_table_row(n) for n in names], dtype=torch.int64,
                                 device=layer.weight.device) for _, layer in layers}
     with batch_rows_scope(rows):
-        yield model
+        try:
+            yield model
+        except Exception as err:
+            if COMPILED_BATCH in str(err) and str(err) != COMPILED_BATCH:
+                raise RuntimeError(COMPILED_BATCH) from None  # dynamo's wrapping buries our reason
+            raise
