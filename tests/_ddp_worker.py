@@ -131,8 +131,17 @@ def main(mode: str, out_file: str) -> None:
         if rank == 0:
             torch.save({"values": values, "losses": losses}, out_file)
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+
+
+def _exit_now(code: int) -> None:
+    # Gloo's threads can abort the process in C++ teardown ("terminate called without an active exception",
+    # SIGABRT) after the work is done and saved; an exit without teardown reports the work's own outcome.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
@@ -141,4 +150,6 @@ if __name__ == "__main__":
     except BaseException:
         with open(f"{sys.argv[2]}.rank{os.environ.get('RANK', '?')}.err", "w") as f:
             f.write(traceback.format_exc())
-        raise
+        traceback.print_exc()
+        _exit_now(1)
+    _exit_now(0)
