@@ -16,8 +16,9 @@ from .layers.base import LoLDULayer
 from .layers.conv_embedding import LoLDUConv2d, LoLDUEmbedding
 from .layers.linear import LoLDULinear
 from .layers.parametrization import LoLDUParametrization
-from .model.adapt import (add_loldu, get_loldu_model, get_loldu_params, get_loldu_state_dict,
-                          mark_only_loldu_as_trainable, print_trainable_parameters)
+from .integrations.peft_model import LoLDUModel, get_loldu_model
+from .model.adapt import (add_loldu, get_loldu_params, get_loldu_state_dict, mark_only_loldu_as_trainable,
+                          print_trainable_parameters)
 from .model.manage import (adapter_batch, delete_adapter, disable_loldu, enable_loldu, get_active_adapter,
                            merge_loldu, remove_loldu, set_adapter, unmerge_loldu)
 from .model.targeting import list_adapters, loldu_layers
@@ -38,6 +39,7 @@ __all__ = [
     "LoLDUConfig",
     "RankClampWarning",
     "get_loldu_model",
+    "LoLDUModel",
     "mark_only_loldu_as_trainable",
     "print_trainable_parameters",
     "loldu_layers",

@@ -17,6 +17,7 @@ from loldu_triton import (
     disable_loldu,
     enable_loldu,
     get_active_adapter,
+    LoLDUModel,
     get_loldu_model,
     get_loldu_params,
     list_adapters,
@@ -82,8 +83,11 @@ def test_config_dict_round_trip_and_hostile_dicts_name_the_source_and_field():
     data = config.to_dict()
     assert json.loads(json.dumps(data)) == data
     assert LoLDUConfig.from_dict(data) == config and LoLDUConfig.from_dict({}) == LoLDUConfig()
-    with pytest.raises(ValueError, match=r"my.json: unknown LoLDU config fields \['lora_alpha'\]"):
+    with pytest.raises(ValueError, match=r"my.json: 'lora_alpha' is a LoRA setting with no LoLDU meaning: LoLDU "
+                                         r"scales by alpha / rank"):
         LoLDUConfig.from_dict({"rank": 4, "lora_alpha": 8}, "my.json")
+    with pytest.raises(ValueError, match=r"my.json: unknown LoLDU config fields \['lora_alfa'\]"):
+        LoLDUConfig.from_dict({"rank": 4, "lora_alfa": 8}, "my.json")
     with pytest.raises(ValueError, match=r"my.json: init must be one of"):
         LoLDUConfig.from_dict({"init": ["lu"]}, "my.json")
     with pytest.raises(ValueError, match=r"my.json: a LoLDU config must be a dict, got list"):
@@ -96,7 +100,8 @@ def test_config_dict_round_trip_and_hostile_dicts_name_the_source_and_field():
 def test_get_loldu_model_adapts_freezes_the_rest_and_returns_the_model(capsys):
     model = TinyLM()
     config = LoLDUConfig(rank=4, target_modules=["q_proj", "v_proj"])
-    assert get_loldu_model(model, config) is model
+    wrapped = get_loldu_model(model, config)
+    assert wrapped.get_base_model() is model and isinstance(wrapped, LoLDUModel)  # changed in place, wrapped
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == [f"layers.{i}.{m}.{p}" for i in range(2) for m in ("q_proj", "v_proj") for p in "ds"]
     assert print_trainable_parameters(model)[0] == 4 * (4 + 1)
@@ -112,8 +117,10 @@ def test_get_loldu_model_adapts_freezes_the_rest_and_returns_the_model(capsys):
 def test_get_loldu_model_refusals_change_nothing():
     model = TinyLM()
     before = full_snapshot(model)
-    with pytest.raises(TypeError, match="config must be a LoLDUConfig, got dict"):
-        get_loldu_model(model, {"rank": 4})
+    with pytest.raises(TypeError, match="config must be a LoLDUConfig or a dict, got list"):
+        get_loldu_model(model, [("rank", 4)])
+    with pytest.raises(ValueError, match="get_loldu_model: 'lora_alpha' is a LoRA setting"):
+        get_loldu_model(model, {"r": 4, "lora_alpha": 8})
     with pytest.raises(ValueError, match="'o_proj' matches no nn.Linear"):
         get_loldu_model(model, LoLDUConfig(rank=4, target_modules=["q_proj", "o_proj"]))
     with torch.no_grad():

@@ -1,11 +1,12 @@
 """LoLDUConfig: the settings of a LoLDU adapter in one object, each field checked (by core.settings) when set."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 from .fileformat import read_common_settings
-from .settings import FIELD_CHECKS, check_fields, exact_names
+from .settings import FIELD_CHECKS, check_fields, exact_names, translate_peft_names
 
 
 @dataclass
@@ -21,8 +22,16 @@ class LoLDUConfig:
       nn.Embedding too.
     - base_quantization: None, "int8" or "fp8": keep each adapted nn.Linear's frozen weight quantized.
     - backend: "auto", "torch" or "triton" (a runtime choice; adapter files do not record it).
+    - exclude_modules: layer names (suffix match) or a regex (full match) that target_modules must not take.
+    - modules_to_save: modules (a classifier head, say; names match by suffix) that train in full and are saved
+      with the adapter, one copy per adapter, as PEFT's. task_type="SEQ_CLS" adds "classifier" and "score".
+    - task_type (PEFT's), bias ("none" only: LoLDU trains no bias) and inference_mode (get_loldu_model freezes
+      the adapter too) complete PEFT's names.
 
-    Every field is checked when set, at construction and after it: a config that exists is a valid one.
+    PEFT's LoraConfig names are accepted where they mean the same (``r`` for rank, ``lora_dropout`` for
+    dropout); those with no LoLDU meaning (``lora_alpha``, ``use_dora``, ...) are refused with what LoLDU
+    has instead. Every field is checked when set, at construction and after it: a config that exists is a
+    valid one.
     """
 
     rank: Union[int, str] = 8
@@ -32,6 +41,11 @@ class LoLDUConfig:
     target_modules: Union[None, str, Sequence[str]] = None
     base_quantization: Optional[str] = None
     backend: str = "auto"
+    exclude_modules: Union[None, str, Sequence[str]] = None
+    modules_to_save: Optional[Sequence[str]] = None
+    task_type: Optional[str] = None
+    bias: str = "none"
+    inference_mode: bool = False
 
     def __setattr__(self, name, value):
         check = FIELD_CHECKS.get(name)
@@ -40,11 +54,9 @@ class LoLDUConfig:
         object.__setattr__(self, name, check(value, "LoLDUConfig"))
 
     def to_dict(self) -> dict:
-        """The fields as plain JSON values (a new list for target_modules)."""
-        data = {name: getattr(self, name) for name in FIELD_CHECKS}
-        if isinstance(data["target_modules"], tuple):
-            data["target_modules"] = list(data["target_modules"])
-        return data
+        """The fields as plain JSON values (new lists for the name lists)."""
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name, value in ((name, getattr(self, name)) for name in FIELD_CHECKS)}
 
     @classmethod
     def from_dict(cls, data, where: str = "LoLDUConfig.from_dict") -> "LoLDUConfig":
@@ -57,5 +69,17 @@ class LoLDUConfig:
         """The config an adapter directory (written by save_loldu) was trained with: add_loldu with it on the
         same base adapts the same layers with the same settings: target_modules is a regex that selects exactly
         the layers the file holds. The file is checked as load_loldu checks it."""
-        settings, layer_names = read_common_settings(directory)
-        return cls(**{**settings, "target_modules": exact_names(layer_names)})
+        settings, layer_names, saved_names = read_common_settings(directory)
+        return cls(**{**settings, "target_modules": exact_names(layer_names), "modules_to_save": saved_names or None})
+
+
+_FIELDS_INIT = LoLDUConfig.__init__
+
+
+def _init_with_peft_names(self, *args, **kwargs):
+    _FIELDS_INIT(self, *args, **translate_peft_names(kwargs, "LoLDUConfig"))
+
+
+_init_with_peft_names.__signature__ = inspect.signature(_FIELDS_INIT)
+_init_with_peft_names.__doc__ = _FIELDS_INIT.__doc__
+LoLDUConfig.__init__ = _init_with_peft_names

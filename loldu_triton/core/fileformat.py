@@ -33,9 +33,9 @@ ADAPTER_NAME = "loldu_adapter.safetensors"
 LEGACY_CONFIG_NAME = "adapter_config.json"
 LEGACY_WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "loldu-triton-adapter"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: modules_to_save; a file without them is written as 2, which older versions read
 LEGACY_FORMAT_VERSION = 1
-# Adapter files are tiny ((2r + 1) * 4 bytes a layer): anything larger than this is not one.
+# Adapter files are small ((2r + 1) * 4 bytes a layer, plus any modules_to_save): nothing larger is one.
 MAX_FILE_BYTES = 1 << 30
 # Legacy format: a base whose pivots match but whose bytes differ is accepted, with a warning, when its pivot
 # values agree to this relative tolerance (bf16 rounding is ~4e-3).
@@ -140,9 +140,9 @@ def read_tensors(data: bytes, path: Path) -> Dict[str, torch.Tensor]:
         raise ValueError(f"load_loldu: {path} is truncated or corrupt ({err})") from None
 
 
-def serialize(tensors: Dict[str, torch.Tensor], config_text: str) -> bytes:
+def serialize(tensors: Dict[str, torch.Tensor], config_text: str, version: int = FORMAT_VERSION) -> bytes:
     """The file's bytes. The checksum covers the tensor bytes, which are the same with or without it."""
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": config_text}
+    metadata = {"format": FORMAT, "format_version": str(version), "config": config_text}
     draft = save_safetensors(tensors, metadata=metadata)
     _, tensor_bytes = split(draft, Path("<draft>"))
     metadata["checksum"] = file_checksum(config_text, tensor_bytes)
@@ -197,10 +197,6 @@ def refuse_other_adapter(directory: Path, mine: Tuple[str, ...], where: str, ove
         raise ValueError(f"{where}: {directory} holds {ADAPTER_KINDS[kind]}; nothing was written. Choose another "
                          f"folder, or pass overwrite=True to write there anyway")
 
-
-# --------------------------------------------------------------------------------------------------------------
-# Reading and checking
-# --------------------------------------------------------------------------------------------------------------
 
 
 def required_field(spec: dict, key: str, path: Path, where: str):
@@ -303,7 +299,35 @@ def check_tensors(tensors, layers: Dict[str, dict], path: Path, legacy: bool) ->
             spec["sketch"] = tensors[f"{name}.sketch"]
 
 
-def read_adapter_file(path: Path) -> Tuple[Dict[str, dict], Dict[str, torch.Tensor]]:
+SAVED_PREFIX = "modules_to_save:"  # tensor keys "modules_to_save:<module>:<state_dict key>"
+
+
+def check_saved(config: dict, tensors: Dict[str, torch.Tensor], path: Path) -> Dict[str, dict]:
+    """The modules_to_save of a file: {module name: {"type": class name, "state": {key: tensor}}}; their tensors
+    leave ``tensors``. Shapes and dtypes are the model's to check."""
+    records = config.get("modules_to_save") or {}
+    if not isinstance(records, dict):
+        raise ValueError(f"{file_where(path, 'modules_to_save')} must be an object of module name -> record")
+    saved = {}
+    for name, record in records.items():
+        where = file_where(path, f"modules_to_save {name!r}")
+        keys = record.get("keys") if isinstance(record, dict) else None
+        if (not name or not isinstance(record.get("type"), str) or not isinstance(keys, list) or not keys
+                or not all(isinstance(k, str) and k for k in keys)):
+            raise ValueError(f"{where} must be an object with a 'type' string and a non-empty 'keys' list")
+        state = {}
+        for key in keys:
+            full = f"{SAVED_PREFIX}{name}:{key}"
+            if full not in tensors:
+                raise ValueError(f"{where}: tensor {full!r} is missing")
+            state[key] = tensors.pop(full)
+            if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
+                raise ValueError(f"{file_where(path, full)} contains NaN or Inf")
+        saved[name] = {"type": record["type"], "state": state}
+    return saved
+
+
+def read_adapter_file(path: Path) -> Tuple[Dict[str, dict], Dict[str, torch.Tensor], dict, Dict[str, dict]]:
     data = read_regular_file(path, "adapter")
     header, tensor_bytes = split(data, path)
     metadata = header.get("__metadata__")
@@ -325,11 +349,12 @@ def read_adapter_file(path: Path) -> Tuple[Dict[str, dict], Dict[str, torch.Tens
         raise ValueError(f"{file_where(path, 'config')} is not valid JSON ({err})") from None
     layers = check_layers(config, path, legacy=False)
     check_common(config, path)
+    saved = check_saved(config, tensors, path)
     check_tensors(tensors, layers, path, legacy=False)
-    return layers, tensors, config
+    return layers, tensors, config, saved
 
 
-def read_legacy(directory: Path) -> Tuple[Dict[str, dict], Dict[str, torch.Tensor]]:
+def read_legacy(directory: Path) -> Tuple[Dict[str, dict], Dict[str, torch.Tensor], dict, Dict[str, dict]]:
     path = directory / LEGACY_CONFIG_NAME
     try:
         config = json.loads(read_regular_file(path, "adapter config"))
@@ -348,28 +373,28 @@ def read_legacy(directory: Path) -> Tuple[Dict[str, dict], Dict[str, torch.Tenso
     weights = directory / LEGACY_WEIGHTS_NAME
     tensors = read_tensors(read_regular_file(weights, "adapter weights"), weights)
     check_tensors(tensors, layers, weights, legacy=True)
-    return layers, tensors, config
+    return layers, tensors, config, {}
 
 
-def read_adapter_files(directory: Path) -> Tuple[Dict[str, dict], Dict[str, torch.Tensor], dict, Path]:
+def read_adapter_files(directory: Path) -> Tuple[Dict[str, dict], Dict[str, torch.Tensor], dict, dict, Path]:
     if not os.path.lexists(directory / ADAPTER_NAME) and os.path.lexists(directory / LEGACY_CONFIG_NAME):
         return (*read_legacy(directory), directory / LEGACY_CONFIG_NAME)
     return (*read_adapter_file(directory / ADAPTER_NAME), directory / ADAPTER_NAME)
 
 
-def read_adapter(directory) -> Tuple[Dict[str, dict], Dict[str, torch.Tensor]]:
-    """(layer records, tensors) of the adapter in ``directory``, every field checked."""
-    layers, tensors, _, _ = read_adapter_files(Path(directory))
-    return layers, tensors
+def read_adapter(directory) -> Tuple[Dict[str, dict], Dict[str, torch.Tensor], Dict[str, dict]]:
+    """(layer records, their tensors, modules_to_save) of the adapter in ``directory``, every field checked."""
+    layers, tensors, _, saved, _ = read_adapter_files(Path(directory))
+    return layers, tensors, saved
 
 
-def read_common_settings(directory) -> Tuple[dict, list]:
-    """(The LoLDUConfig fields stored with the adapter in ``directory``, the names of its layers); see
+def read_common_settings(directory) -> Tuple[dict, list, list]:
+    """(The LoLDUConfig fields stored with the adapter in ``directory``, its layers', its modules_to_save); see
     LoLDUConfig.from_pretrained."""
-    layers, _, config, path = read_adapter_files(Path(directory))
+    layers, _, config, saved, path = read_adapter_files(Path(directory))
     common = check_common(config, path)
     if common is None:
         settings = {name: (spec["rank"], spec["alpha"], spec["init"]) for name, spec in layers.items()}
         raise ValueError(f"{file_where(path)}: stores no single LoLDUConfig (its layers were adapted with different "
                          f"settings, or it predates stored configs); per layer (rank, alpha, init): {settings}")
-    return common, list(layers)
+    return common, list(layers), list(saved)

@@ -162,6 +162,48 @@ def clamp_rank(rank, shape, where: str) -> int:
     return full if rank == "full" else rank
 
 
+def check_exclude_modules(names, where: str):
+    """None, a regex (full match) or a non-empty list of layer names (suffix match), as target_modules."""
+    if names == "all-linear":
+        raise ValueError(f"{where}: exclude_modules cannot be 'all-linear'")
+    return check_target_modules(names, where.replace("target_modules", "exclude_modules"))
+
+
+def check_modules_to_save(names, where: str):
+    """None or a non-empty list of module names (suffix match), kept as a tuple."""
+    if names is None:
+        return None
+    if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) and n for n in names):
+        return tuple(dict.fromkeys(names))
+    raise ValueError(f"{where}: modules_to_save must be None or a non-empty list of module names, got {names!r}")
+
+
+# PEFT's task types; SEQ_CLS trains and saves the classifier head (see model.heads.saved_names).
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+def check_task_type(task_type, where: str):
+    task_type = getattr(task_type, "value", task_type)  # peft.TaskType is a str enum
+    if task_type is not None and (not isinstance(task_type, str) or task_type not in TASK_TYPES):
+        raise ValueError(f"{where}: task_type must be None or one of {TASK_TYPES}, got {task_type!r}")
+    return None if task_type is None else str(task_type)
+
+
+def check_bias(bias, where: str) -> str:
+    if bias != "none":
+        raise ValueError(f"{where}: bias must be 'none', got {bias!r}: LoLDU trains no bias of an adapted layer; "
+                         f"to train a whole layer, bias included, name it in modules_to_save")
+    return bias
+
+
+def check_flag(name: str):
+    def check(value, where: str) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: {name} must be True or False, got {value!r}")
+        return value
+    return check
+
+
 # The fields of LoLDUConfig (and of an adapter file's settings) and each one's check (value, where) -> value.
 FIELD_CHECKS = {
     "rank": lambda v, where: check_rank(v, where, allow_full=True),
@@ -171,7 +213,43 @@ FIELD_CHECKS = {
     "target_modules": check_target_modules,
     "base_quantization": check_quantization,
     "backend": check_backend,
+    "exclude_modules": check_exclude_modules,
+    "modules_to_save": check_modules_to_save,
+    "task_type": check_task_type,
+    "bias": check_bias,
+    "inference_mode": check_flag("inference_mode"),
 }
+
+# PEFT's LoraConfig names: the same meaning under another name, and names that do not apply to LoLDU (with what
+# LoLDU has instead).
+PEFT_ALIASES = {"r": "rank", "lora_dropout": "dropout"}
+PEFT_REFUSED = {
+    "lora_alpha": "LoLDU scales by alpha / rank at init (alpha=None: rank) and trains the scale s itself",
+    "use_dora": "LoLDU has no magnitude vector; it trains d and s between frozen L and U",
+    "use_rslora": "LoLDU's scale is alpha / rank and trains as s",
+    "init_lora_weights": "LoLDU's init is one of " + ", ".join(INITS),
+    "fan_in_fan_out": "LoLDU factors the weight as the layer stores it",
+    "layers_to_transform": "name the layers in target_modules (a list or a regex)",
+    "layers_pattern": "name the layers in target_modules (a list or a regex)",
+    "rank_pattern": "LoLDU has one rank per config; use several add_loldu calls with target_modules",
+    "alpha_pattern": "LoLDU has one alpha per config; use several add_loldu calls with target_modules",
+}
+
+
+def translate_peft_names(kwargs: dict, where: str) -> dict:
+    """``kwargs`` with PEFT's names for LoLDU fields renamed; PEFT names that do not apply are errors saying what
+    LoLDU uses instead."""
+    refused = sorted(k for k in kwargs if k in PEFT_REFUSED)
+    if refused:
+        raise ValueError(f"{where}: {refused[0]!r} is a LoRA setting with no LoLDU meaning: "
+                        f"{PEFT_REFUSED[refused[0]]}")
+    out = {}
+    for key, value in kwargs.items():
+        field = PEFT_ALIASES.get(key, key)
+        if field in out:
+            raise ValueError(f"{where}: {key!r} and {field!r} are the same setting; pass one")
+        out[field] = value
+    return out
 
 
 def check_fields(data, where: str) -> dict:
@@ -179,6 +257,7 @@ def check_fields(data, where: str) -> dict:
     name ``where`` (a file, say) and the field."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: a LoLDU config must be a dict, got {type(data).__name__}")
+    data = translate_peft_names(data, where)
     unknown = sorted(str(k) for k in data if k not in FIELD_CHECKS)
     if unknown:
         raise ValueError(f"{where}: unknown LoLDU config fields {unknown}; fields: {sorted(FIELD_CHECKS)}")

@@ -11,14 +11,16 @@ import torch.nn as nn
 
 from .._version import __version__
 from ..core.config import LoLDUConfig
-from ..core.fileformat import (ADAPTER_NAME, LAYER_FIELDS, PIVOT_VALUE_RTOL, atomic_write, read_adapter,
-                               refuse_other_adapter, remove_legacy, serialize)
+from ..core.fileformat import (ADAPTER_NAME, COMMON_FIELDS, LAYER_FIELDS, PIVOT_VALUE_RTOL, SAVED_PREFIX,
+                               atomic_write, read_adapter, refuse_other_adapter, remove_legacy, serialize)
 from ..core.settings import check_adapter_name, warn_caller
 from ..factors.fingerprint import sketch_gap, sketch_tolerance
 from ..layers.base import LoLDULayer
 from ..layers.registry import LOLDU_LAYERS, base_type
-from ..model.targeting import (adapter_layers, loldu_layers, offloaded_reason, refuse_merged, replace_module,
-                               why_not_adaptable)
+from ..layers.saved import SavedModule
+from ..model.heads import saved_modules
+from ..model.targeting import (adapter_layers, loldu_layers, loldu_root, offloaded_reason, refuse_merged,
+                               replace_module, why_not_adaptable)
 
 
 def layer_record(layer: LoLDULayer, sha256: str, precision: str) -> dict:
@@ -79,11 +81,25 @@ def save_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None, 
         tensors[f"{name}.s"] = s
         tensors[f"{name}.pivots"] = layer.pivots.detach().to("cpu", torch.int32)
         tensors[f"{name}.sketch"] = sketch
+    adapter = layers[0][1].active_adapter if adapter_name is None else adapter_name
+    heads = {}
+    for name, module in saved_modules(model):
+        if adapter in module.modules_to_save:
+            copy = module.modules_to_save[adapter]
+            state = {k: v.detach().to("cpu").contiguous() for k, v in copy.state_dict().items()}
+            bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if bad:
+                raise ValueError(f"save_loldu: module {name!r} (modules_to_save) has non-finite values in {bad}; "
+                                 f"nothing was written")
+            heads[name] = {"type": type(copy).__name__, "keys": list(state)}
+            tensors.update({f"{SAVED_PREFIX}{name}:{k}": v for k, v in state.items()})
     common = common_config(layers)
     # The top level is the common LoLDUConfig (rank null when the layers differ; backend is a runtime choice).
-    fields = {k: v for k, v in common.to_dict().items() if k != "backend"} if common else {"rank": None}
+    fields = {k: v for k, v in common.to_dict().items() if k in COMMON_FIELDS} if common else {"rank": None}
     config = {"library_version": __version__, **fields, "layers": records}
-    data = serialize(tensors, json.dumps(config, separators=(",", ":")))
+    if heads:
+        config["modules_to_save"] = heads
+    data = serialize(tensors, json.dumps(config, separators=(",", ":")), version=3 if heads else 2)
     directory = Path(directory)
     refuse_other_adapter(directory, ("loldu", "loldu-first"), "save_loldu", overwrite)
     directory.mkdir(parents=True, exist_ok=True)
@@ -131,9 +147,10 @@ def load_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None) 
     freezes them.
     """
     check_adapter_name(adapter_name, "load_loldu", allow_none=True)
+    returned, model = model, loldu_root(model)
     refuse_merged(loldu_layers(model), "load_loldu")
     directory = Path(directory)
-    layers, tensors = read_adapter(directory)
+    layers, tensors, saved = read_adapter(directory)
 
     plan = []  # (name, module now, layer to hold the values, whether it replaces the module)
     modules = dict(model.named_modules())
@@ -183,6 +200,7 @@ def load_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None) 
         check_base(name, target, spec, directory)
         plan.append((name, module, target, replaces, named))
 
+    heads = plan_saved(model, saved, modules, directory)
     others = [n for n, _ in loldu_layers(model) if n not in layers]
     if others and not all(named for *_, named in plan):
         warn_caller(f"load_loldu: {others} have LoLDU but are not in the adapter; left as they are")
@@ -197,4 +215,40 @@ def load_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None) 
         if replaces:
             target.freeze_base()
             replace_module(model, module, target)
-    return model
+    active = next((layer.active_adapter for _, layer in loldu_layers(model)), "default")
+    for module, state in heads:
+        if not isinstance(module, SavedModule):
+            wrapper = SavedModule(module, active)
+            replace_module(model, module, wrapper)
+            module = wrapper
+        name = active if adapter_name is None else adapter_name
+        copy = module.modules_to_save[name] if name in module.modules_to_save else module.add_copy(name)
+        copy.load_state_dict(state)
+    return returned
+
+
+def plan_saved(model: nn.Module, saved: dict, modules: dict, directory: Path) -> list:
+    """(module, state dict to load) for each of the file's modules_to_save, checked against the model."""
+    plan = []
+    for name, record in saved.items():
+        module = modules.get(name)
+        original = module.original_module if isinstance(module, SavedModule) else module
+        if original is None or type(original).__name__ != record["type"]:
+            found = "nothing" if original is None else type(original).__name__
+            raise ValueError(f"load_loldu: the adapter in {directory} saves module {name!r} (a {record['type']}), "
+                             f"but the model has {found} there")
+        expected = original.state_dict()
+        if set(expected) != set(record["state"]):
+            raise ValueError(f"load_loldu: module {name!r} holds {sorted(expected)}, the adapter in {directory} "
+                             f"saves {sorted(record['state'])}")
+        state = {}
+        for key, value in record["state"].items():
+            if value.shape != expected[key].shape:
+                raise ValueError(f"load_loldu: module {name!r}: {key} has shape {tuple(expected[key].shape)} in the "
+                                 f"model, {tuple(value.shape)} in the adapter in {directory}")
+            if value.dtype != expected[key].dtype:
+                warn_caller(f"load_loldu: module {name!r}: {key} is {value.dtype} in the adapter, "
+                            f"{expected[key].dtype} in the model; cast")
+            state[key] = value.to(expected[key].device, expected[key].dtype)
+        plan.append((module, state))
+    return plan

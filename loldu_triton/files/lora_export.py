@@ -18,7 +18,7 @@ from safetensors.torch import save as save_safetensors
 from ..core.fileformat import atomic_write, refuse_other_adapter
 from ..layers.base import LoLDULayer
 from ..layers.conv_embedding import LoLDUConv2d, LoLDUEmbedding
-from ..model.targeting import adapter_layers
+from ..model.targeting import adapter_layers, loldu_root
 
 LORA_CONFIG_NAME = "adapter_config.json"
 LORA_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -107,7 +107,7 @@ def export_lora(model: nn.Module, directory, adapter_name: Optional[str] = None,
         "base_model_name_or_path": source or None,
         "r": r,
         "lora_alpha": r,  # scaling lora_alpha / r = 1: B A is the delta itself
-        "target_modules": _target_modules(model, names),
+        "target_modules": _target_modules(loldu_root(model), names),
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,

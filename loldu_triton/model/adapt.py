@@ -1,4 +1,4 @@
-"""Adding LoLDU to a model (add_loldu, get_loldu_model) and reading its trainable part."""
+"""Adding LoLDU to a model (add_loldu) and reading its trainable part."""
 from __future__ import annotations
 
 import inspect
@@ -14,7 +14,8 @@ from ..layers.base import LoLDULayer
 from ..layers.linear import LoLDULinear
 from ..layers.parametrization import LoLDUParametrization
 from ..layers.registry import LOLDU_LAYERS, base_type
-from .targeting import loldu_layers, replace_module, select_targets
+from .heads import install_saved, saved_modules, saved_names, wrap_saved
+from .targeting import loldu_layers, loldu_root, replace_module, select_targets
 
 
 def _config_factory(config: Dict[type, Dict[str, Callable]], module: nn.Module) -> Optional[Callable]:
@@ -56,6 +57,8 @@ def add_loldu(
     target_modules: Union[None, str, Sequence[str]] = None,
     backend: str = "auto",
     base_quantization: Optional[str] = None,
+    exclude_modules: Union[None, str, Sequence[str]] = None,
+    modules_to_save: Optional[Sequence[str]] = None,
 ) -> nn.Module:
     """Replace the targeted layers of ``model`` with LoLDU layers, in place (and return the model).
 
@@ -66,7 +69,9 @@ def add_loldu(
 
     ``target_modules``: None (every nn.Linear), "all-linear" (all but the output layer: a Hugging Face
     model's get_output_embeddings(), or a layer named ``lm_head``), a list of names (suffix match) or a regex
-    (full match); names and regexes may also pick nn.Conv2d and nn.Embedding layers. On every route a rank
+    (full match); names and regexes may also pick nn.Conv2d and nn.Embedding layers; ``exclude_modules``
+    (names or a regex) takes layers out again. ``modules_to_save`` names modules (a classifier head) that
+    train in full, one copy per adapter, saved with it (layers.saved.SavedModule). On every route a rank
     larger than a layer can hold is lowered to its full rank with a warning; ``rank="full"`` asks for every
     layer's full rank, min(in, out) (the paper's ViT setting), without one. Layers that already have LoLDU
     are left as they are. Nothing is changed if any layer fails.
@@ -78,7 +83,8 @@ def add_loldu(
     reference = None
     if isinstance(loldu_config, LoLDUConfig):
         keywords = dict(rank=rank, alpha=alpha, init=init, init_seed=init_seed, target_modules=target_modules,
-                        backend=backend, base_quantization=base_quantization)
+                        backend=backend, base_quantization=base_quantization, exclude_modules=exclude_modules,
+                        modules_to_save=modules_to_save)
         defaults = {k: p.default for k, p in inspect.signature(add_loldu).parameters.items() if k in keywords}
         given = [k for k, v in keywords.items() if not (v is defaults[k] or v == defaults[k])]
         if given:
@@ -102,14 +108,16 @@ def add_loldu(
     else:
         config = LoLDUConfig.from_dict(dict(rank=rank, alpha=alpha, init=init, init_seed=init_seed,
                                             target_modules=target_modules, backend=backend,
-                                            base_quantization=base_quantization), "add_loldu")
+                                            base_quantization=base_quantization, exclude_modules=exclude_modules,
+                                            modules_to_save=modules_to_save), "add_loldu")
+    returned, model = model, loldu_root(model)
     if base_type(model) is not None:
         raise ValueError(f"add_loldu: the model itself is a {type(model).__name__}; use "
                          f"LoLDULinear.from_base(layer, rank) (or LoLDUConv2d / LoLDUEmbedding)")
     if reference is not None:
         targets, existing = select_targets(model, None, lambda m: _config_factory(reference, m) is not None)
     else:
-        targets, existing = select_targets(model, config.target_modules)
+        targets, existing = select_targets(model, config.target_modules, exclude=config.exclude_modules)
     if existing:
         warn_caller(f"add_loldu: {existing} already have LoLDU; left as they are (adapters never stack)")
 
@@ -133,38 +141,45 @@ def add_loldu(
                                  f"{layer.base_class.__name__}")
             layer.quantize_base(config.base_quantization)
         built[name] = (module, layer)
+    heads = saved_names(model, config.modules_to_save, config.task_type, "add_loldu")
+    overlap = [n for n in heads if any(n == t or n.startswith(t + ".") or t.startswith(n + ".") for t in targets)]
+    if overlap:
+        raise ValueError(f"add_loldu: {overlap} are both targeted by LoLDU and in modules_to_save; a module "
+                         f"either trains in full or gets LoLDU (add it to exclude_modules)")
+    adapter = next((layer.active_adapter for _, layer in loldu_layers(model)), "default")
+    saved = wrap_saved(model, heads, adapter)
     for module, layer in built.values():
         layer.freeze_base()
         replace_module(model, module, layer)
-    return model
+    install_saved(model, saved)
+    return returned
 
 
 def mark_only_loldu_as_trainable(model: nn.Module) -> nn.Module:
-    """Freeze every parameter of ``model`` except the LoLDU ones (d and s of every layer); returns the model."""
+    """Freeze every parameter of ``model`` except the LoLDU ones (d and s of every layer, and the trainable
+    adapter's copy of each module in modules_to_save); returns the model."""
     loldu = {id(p) for p in get_loldu_params(model)}
     for p in model.parameters():
         p.requires_grad_(id(p) in loldu)
     return model
 
 
-def get_loldu_model(model: nn.Module, config: LoLDUConfig) -> nn.Module:
-    """PEFT's get_peft_model habit: add LoLDU as ``config`` says (see add_loldu), then freeze everything but
-    the LoLDU parameters, and return the model (the same object, changed in place). If adding fails, nothing
-    is changed, requires_grad included."""
-    if not isinstance(config, LoLDUConfig):
-        raise TypeError(f"get_loldu_model: config must be a LoLDUConfig, got {type(config).__name__}")
-    add_loldu(model, config)
-    return mark_only_loldu_as_trainable(model)
-
-
 def get_loldu_params(model: nn.Module, print_shapes: bool = False) -> List[nn.Parameter]:
-    """The trainable LoLDU parameters (d and s of every LoLDU layer)."""
+    """The trainable LoLDU parameters: d and s of every LoLDU layer, then the parameters of the trainable
+    adapter's copy of each module in modules_to_save (they train in full)."""
     params = []
     for name, layer in loldu_layers(model):
         for pname in ("d", "s"):
             p = getattr(layer, pname)
             if print_shapes:
                 print(f"{name}.{pname}: {tuple(p.shape)}")
+            params.append(p)
+    for name, module in saved_modules(model):
+        copy = module.modules_to_save[module.active_adapter] if module.active_adapter in module.modules_to_save \
+            else None
+        for pname, p in (copy.named_parameters() if copy is not None else ()):
+            if print_shapes:
+                print(f"{name}.modules_to_save.{module.active_adapter}.{pname}: {tuple(p.shape)}")
             params.append(p)
     return params
 

@@ -11,6 +11,7 @@ import torch.nn as nn
 from ..core.settings import check_adapter_name
 from ..layers.batch import COMPILED_BATCH, batch_rows_scope
 from ..layers.linear import LoLDULinear
+from .heads import activate_saved, delete_saved, saved_modules, unwrap_saved
 from .targeting import layers_or_error, list_adapters, loldu_layers, refuse_merged, replace_module
 
 
@@ -30,7 +31,9 @@ class _Switch:
         self.open = []  # one list of (layer, enabled before) per block now open
 
     def _apply(self):
-        before = [(layer, layer.loldu_enabled) for _, layer in loldu_layers(self.model)]
+        # (modules_to_save switch with the layers: disabled, they run their original module)
+        switched = loldu_layers(self.model) + saved_modules(self.model)
+        before = [(layer, layer.loldu_enabled) for _, layer in switched]
         for layer, _ in before:
             layer.loldu_enabled = self.enabled
         return before
@@ -87,8 +90,10 @@ def _unwrap(model: nn.Module, merge: bool, where: str) -> None:
 
 def remove_loldu(model: nn.Module) -> nn.Module:
     """Plain base layers holding the untouched base weights (bit for bit); every adapter, the trained one and
-    the named ones, is discarded. Returns the model (changed in place)."""
+    the named ones, is discarded, and modules_to_save get their original module back. Returns the model
+    (changed in place)."""
     _unwrap(model, merge=False, where="remove_loldu")
+    unwrap_saved(model, trained=False)
     return model
 
 
@@ -96,7 +101,7 @@ def merge_loldu(model: nn.Module, reversible: bool = False) -> nn.Module:
     """Merge the trainable adapter into the weights: W0 + L diag(e) U, one plain GEMM per layer.
 
     reversible=False (the reference code's merge): plain layers replace the LoLDU layers; nothing of LoLDU is
-    left. It refuses while layers hold named adapters, which it would drop: save them
+    left (modules_to_save keep the trainable adapter's copy, the fine-tuned head). It refuses while layers hold named adapters, which it would drop: save them
     (``save_loldu(model, dir, adapter_name=...)``) and delete them (``delete_adapter``) first.
 
     reversible=True: the LoLDU layers stay, with the merged weight in ``weight`` and the base weight itself
@@ -136,6 +141,7 @@ def merge_loldu(model: nn.Module, reversible: bool = False) -> nn.Module:
                          f"(save_loldu(model, dir, adapter_name=name)) and delete it (delete_adapter(model, name)) "
                          f"first, or use merge_loldu(model, reversible=True), which keeps them")
     _unwrap(model, merge=True, where=where)
+    unwrap_saved(model, trained=True)
     return model
 
 
@@ -173,6 +179,7 @@ def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         raise ValueError(f"{where}: no adapter {adapter_name!r}; the model has {known}")
     for _, layer in layers:
         layer.activate_adapter(adapter_name)
+    activate_saved(model, adapter_name)
     return model
 
 
@@ -191,6 +198,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         raise ValueError(f"{where}: no adapter {adapter_name!r}; the model has {list_adapters(model)}")
     for layer in holders:
         layer.delete_named_adapter(adapter_name)
+    delete_saved(model, adapter_name)
     return model
 
 
@@ -213,6 +221,10 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator[
             raise ValueError(f"adapter_batch: layer {name!r} is a {type(layer).__name__}; mixed-adapter batches "
                              f"support LoLDULinear layers only")
     refuse_merged(layers, "adapter_batch")
+    heads = [name for name, _ in saved_modules(model)]
+    if heads:
+        raise ValueError(f"adapter_batch: the model has modules_to_save {heads}, which run one adapter's copy per "
+                         f"call; run one adapter at a time (set_adapter)")
     disabled = [name for name, layer in layers if not layer.loldu_enabled]
     if disabled:
         raise ValueError(f"adapter_batch: {disabled} are disabled (disable_loldu), so every row would get the base; "

@@ -14,9 +14,16 @@ from ..layers.base import LoLDULayer
 from ..layers.registry import base_type
 
 
+def loldu_root(model: nn.Module) -> nn.Module:
+    """The model whose module names adapter files and the functions use: the wrapped one of a LoLDUModel (so
+    that an adapter saved through the wrapper loads onto the plain base, and back)."""
+    return model.get_base_model() if getattr(type(model), "is_loldu_wrapper", False) else model
+
+
 def loldu_layers(model: nn.Module) -> List[Tuple[str, LoLDULayer]]:
-    """(name, layer) of every LoLDU layer (LoLDULinear, LoLDUConv2d, LoLDUEmbedding) in ``model``."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoLDULayer)]
+    """(name, layer) of every LoLDU layer (LoLDULinear, LoLDUConv2d, LoLDUEmbedding) in ``model`` (names as in
+    loldu_root(model))."""
+    return [(name, m) for name, m in loldu_root(model).named_modules() if isinstance(m, LoLDULayer)]
 
 
 def why_not_adaptable(name: str, module: nn.Module, parent: Optional[nn.Module]) -> Optional[str]:
@@ -80,8 +87,16 @@ def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
         add_hook_to_module(new, old._hf_hook)
 
 
+def name_matches(name: str, spec) -> bool:
+    """Whether module ``name`` is picked by ``spec``: a regex (full match) or a list of names (suffix match), as
+    target_modules, exclude_modules and modules_to_save read them."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == n or name.endswith("." + n) for n in spec)
+
+
 def select_targets(model, target_modules,
-                    by_type=lambda m: isinstance(m, nn.Linear)) -> Tuple[List[str], List[str]]:
+                    by_type=lambda m: isinstance(m, nn.Linear), exclude=None) -> Tuple[List[str], List[str]]:
     """Names of the layers to adapt, and of targeted layers that already have LoLDU.
 
     None and "all-linear" take the layers ``by_type`` accepts (nn.Linear), leaving out with a warning those
@@ -125,8 +140,11 @@ def select_targets(model, target_modules,
         for n in chosen:
             if reason(n):
                 raise ValueError(f"add_loldu: cannot adapt {n!r}: {reason(n)}")
+    if exclude is not None:
+        chosen = [n for n in chosen if not name_matches(n, exclude)]
     if not chosen:
-        raise ValueError("add_loldu: the model has no layer to adapt")
+        raise ValueError("add_loldu: the model has no layer to adapt"
+                         + (f" (exclude_modules={exclude!r} left none)" if exclude is not None else ""))
     seen = set()
     chosen = [n for n in chosen if id(modules[n]) not in seen and not seen.add(id(modules[n]))]
     existing = [n for n in chosen if isinstance(modules[n], LoLDULayer)]

@@ -1,0 +1,284 @@
+"""LoLDUModel: PEFT's PeftModel habits around a model with LoLDU (get_loldu_model returns one).
+
+Forward, ``generate`` and every attribute reach the wrapped model unchanged; the methods are PEFT's, with PEFT's
+meaning. Saving never loses the fine-tune: ``save_pretrained`` (the wrapper's, and the wrapped Hugging Face
+model's own) writes the adapter file (d, s and modules_to_save), or the merged model when asked; a
+``Trainer``, which saves a model that is not its own kind as a state dict, finds the adapter's settings in it
+(``get_extra_state``), so its checkpoints resume and ``LoLDUModel.from_pretrained`` reads them back."""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..core.config import LoLDUConfig
+from ..core.fileformat import ADAPTER_NAME
+from ..core.settings import check_adapter_name, check_fields
+from ..files.adapters import load_loldu, save_loldu
+from ..model.adapt import add_loldu, mark_only_loldu_as_trainable, print_trainable_parameters
+from ..model.heads import saved_modules
+from ..model.manage import (delete_adapter, disable_loldu, get_active_adapter, merge_loldu, remove_loldu,
+                            set_adapter, unmerge_loldu)
+from ..model.targeting import loldu_layers
+
+STATE_FORMAT = "loldu-triton-model"
+TRAINER_WEIGHTS = "model.safetensors"  # what transformers.Trainer writes for a model that is not its own kind
+_CLASSES: Dict[type, type] = {}
+
+
+def wrapper_class(model_class: type) -> type:
+    """LoLDUModel with the forward signature of ``model_class`` (a Trainer reads the label and input names
+    from it); one class per wrapped class."""
+    cls = _CLASSES.get(model_class)
+    if cls is None:
+        def forward(self, *args, **kwargs):
+            return self.base_model(*args, **kwargs)
+
+        forward.__signature__ = inspect.signature(model_class.forward)
+        forward.__doc__ = model_class.forward.__doc__
+        cls = type("LoLDUModel", (LoLDUModel,), {"forward": forward, "__module__": __name__,
+                                                "__qualname__": "LoLDUModel"})
+        _CLASSES[model_class] = cls
+    return cls
+
+
+def rebuild(model_class: type) -> "LoLDUModel":
+    """Unpickling: an empty wrapper of the right class, whose state pickle then restores."""
+    return nn.Module.__new__(wrapper_class(model_class))
+
+
+class LoLDUModel(nn.Module):
+    """A model with LoLDU, with PEFT's PeftModel methods. Build it with ``get_loldu_model(model, config)`` or
+    ``LoLDUModel.from_pretrained(model, directory)``. The library's functions take it too, and name layers as
+    in the wrapped model."""
+
+    is_loldu_wrapper = True
+
+    def __new__(cls, model=None, *args, **kwargs):
+        if cls is LoLDUModel and isinstance(model, nn.Module):
+            cls = wrapper_class(type(model))
+        return super().__new__(cls)
+
+    def __init__(self, model: nn.Module, config: LoLDUConfig, adapter_name: str = "default"):
+        super().__init__()
+        if isinstance(model, LoLDUModel):
+            raise ValueError("LoLDUModel: the model is already a LoLDUModel")
+        self.base_model = model
+        self.peft_config = {check_adapter_name(adapter_name, "LoLDUModel"): config}
+        if callable(getattr(type(model), "save_pretrained", None)):
+            # The wrapped model's own save_pretrained would write the base with d and s as unexpected keys,
+            # which from_pretrained drops: it saves what this wrapper saves.
+            model.__dict__["save_pretrained"] = self.save_pretrained
+
+    def __reduce_ex__(self, protocol):
+        return rebuild, (type(self.base_model),), self.__getstate__()
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name in ("base_model", "peft_config"):
+                raise
+            return getattr(self.base_model, name)
+
+    # --- PEFT's methods ---------------------------------------------------------------------------------------
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (with its LoLDU layers)."""
+        return self.base_model
+
+    @property
+    def active_adapter(self) -> str:
+        """The trainable adapter's name."""
+        return get_active_adapter(self.base_model)
+
+    @property
+    def active_adapters(self):
+        """[active_adapter], as PEFT's list."""
+        return [self.active_adapter]
+
+    def get_nb_trainable_parameters(self):
+        """(trainable, all) parameter counts."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        """Prints the trainable and all parameter counts, as PEFT's."""
+        print_trainable_parameters(self)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the trainable adapter (see set_adapter)."""
+        set_adapter(self.base_model, adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Drop the named adapter ``adapter_name`` (see delete_adapter)."""
+        delete_adapter(self.base_model, adapter_name)
+        self.peft_config.pop(adapter_name, None)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Runs the base model inside the block (modules_to_save their original module)."""
+        with disable_loldu(self.base_model):
+            yield
+
+    def merge_adapter(self) -> None:
+        """Merge for serving, reversibly (merge_loldu(model, reversible=True))."""
+        merge_loldu(self.base_model, reversible=True)
+
+    def unmerge_adapter(self) -> None:
+        """Undo merge_adapter: the base weights back, bit for bit."""
+        unmerge_loldu(self.base_model)
+
+    def merge_and_unload(self) -> nn.Module:
+        """The plain model with W0 + delta in each adapted layer and the trained modules_to_save."""
+        return self._unwrapped(merge_loldu(self.base_model))
+
+    def unload(self) -> nn.Module:
+        """The plain base model, bit for bit (modules_to_save their original module)."""
+        return self._unwrapped(remove_loldu(self.base_model))
+
+    def _unwrapped(self, model: nn.Module) -> nn.Module:
+        model.__dict__.pop("save_pretrained", None)
+        return model
+
+    def load_adapter(self, model_id, adapter_name: str = "default", is_trainable: bool = False) -> None:
+        """Load an adapter directory (save_pretrained's) as ``adapter_name``: into the trainable adapter when that
+        is its name (frozen unless ``is_trainable``), else as a named, frozen adapter."""
+        check_adapter_name(adapter_name, "load_adapter")
+        trainable = adapter_name == self.active_adapter
+        load_loldu(self.base_model, model_id, adapter_name=None if trainable else adapter_name)
+        self.peft_config[adapter_name] = adapter_config(model_id)
+        if trainable:
+            for param in mark_only_loldu_as_trainable(self.base_model).parameters():
+                param.requires_grad_(param.requires_grad and is_trainable)
+
+    def save_pretrained(self, save_directory, selected_adapters=None, merged: bool = False,
+                        is_main_process: bool = True, overwrite: bool = False, **_ignored) -> None:
+        """Write the trainable adapter (and each of ``selected_adapters``, into a subfolder of its name) as this
+        library's adapter file, modules_to_save included; ``merged=True`` writes the merged model instead, with
+        the wrapped Hugging Face model's own save_pretrained (W0 + delta in each layer, a plain checkpoint that
+        ``from_pretrained`` of the model class reads). Arguments of transformers' save_pretrained other than
+        ``is_main_process`` (a ``state_dict`` from a Trainer, say) are ignored: the adapter is read from the model."""
+        if not is_main_process:
+            return
+        directory = Path(save_directory)
+        if merged:
+            save = getattr(type(self.base_model), "save_pretrained", None)
+            if save is None:
+                raise ValueError(f"save_pretrained(merged=True): the wrapped {type(self.base_model).__name__} has no "
+                                 f"save_pretrained; use merge_and_unload() and torch.save")
+            save(self.base_model, directory, state_dict=merged_state_dict(self.base_model))
+            return
+        save_loldu(self.base_model, directory, overwrite=overwrite)
+        for name in selected_adapters or ():
+            if name != self.active_adapter:
+                save_loldu(self.base_model, directory / name, adapter_name=name, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
+                        **_ignored) -> "LoLDUModel":
+        """``model`` (a plain base) with the adapter in ``model_id``: a folder of save_pretrained's, or a
+        Trainer's output (its model.safetensors). Frozen and in eval mode unless ``is_trainable``."""
+        directory = Path(model_id)
+        if not (directory / ADAPTER_NAME).exists() and (directory / TRAINER_WEIGHTS).exists():
+            wrapped = from_trainer_weights(model, directory / TRAINER_WEIGHTS, adapter_name)
+        else:
+            wrapped = cls(load_loldu(model, directory), adapter_config(directory), adapter_name)
+        mark_only_loldu_as_trainable(model)
+        if not is_trainable:
+            model.requires_grad_(False)
+            wrapped.eval()
+        return wrapped
+
+    # --- a Trainer's state-dict checkpoints -------------------------------------------------------------------
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The adapters' settings, in the state dict as bytes (a Trainer's safetensors file holds only tensors)."""
+        text = json.dumps({"format": STATE_FORMAT, "active_adapter": self.active_adapter,
+                           "peft_config": {k: v.to_dict() for k, v in self.peft_config.items()}})
+        return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        """Loading a state dict: its adapters' settings must be this model's (a checkpoint of another config
+        would load its values into layers of other shapes or meaning)."""
+        saved = read_extra_state(state, "LoLDUModel.load_state_dict")
+        mine = {k: v.to_dict() for k, v in self.peft_config.items()}
+        if saved["peft_config"] != mine:
+            raise ValueError(f"LoLDUModel.load_state_dict: the state dict is of adapters {saved['peft_config']}, "
+                             f"this model has {mine}")
+
+
+def read_extra_state(state, where: str) -> dict:
+    try:
+        data = json.loads(bytes(state.to("cpu", torch.uint8).tolist()).decode())
+    except (AttributeError, TypeError, ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{where}: the LoLDU state is not readable ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != STATE_FORMAT or not isinstance(data.get("peft_config"), dict):
+        raise ValueError(f"{where}: not a LoLDUModel state")
+    for name, fields in data["peft_config"].items():
+        check_fields(fields, f"{where}: adapter {name!r}")
+    return data
+
+
+def from_trainer_weights(model: nn.Module, path: Path, adapter_name: str) -> LoLDUModel:
+    """A LoLDUModel from a Trainer's safetensors state dict of one (base weights, d, s, modules_to_save)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    if "_extra_state" not in state:
+        raise ValueError(f"LoLDUModel.from_pretrained: {path} holds no LoLDU adapter (neither {ADAPTER_NAME} nor a "
+                         f"Trainer's state dict of a LoLDUModel)")
+    settings = read_extra_state(state["_extra_state"], f"LoLDUModel.from_pretrained: {path}")
+    configs = {k: LoLDUConfig.from_dict(v) for k, v in settings["peft_config"].items()}
+    active = settings["active_adapter"]
+    wrapped = LoLDUModel(add_loldu(model, configs[active]), configs[active], active)
+    wrapped.peft_config = configs
+    wrapped.load_state_dict(state, strict=True)
+    return wrapped
+
+
+def adapter_config(directory) -> LoLDUConfig:
+    """The LoLDUConfig stored with an adapter (its layers' settings differ: the first layer's rank and alpha)."""
+    try:
+        return LoLDUConfig.from_pretrained(directory)
+    except ValueError:
+        return LoLDUConfig(rank="full")
+
+
+def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The state dict of the plain model that merge_and_unload would give, without changing ``model``: W0 + delta
+    in each LoLDU layer, the trainable copy of each module in modules_to_save, and no LoLDU keys."""
+    replaced = {name: layer.to_base(merge=True) for name, layer in loldu_layers(model)}
+    replaced.update({name: module.running_module() for name, module in saved_modules(model)})
+    state = {}
+    for key, value in model.state_dict().items():
+        owner = next((n for n in replaced if key.startswith(n + ".")), None)
+        if owner is None:
+            state[key] = value
+    for name, module in replaced.items():
+        state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+    return state
+
+
+def get_loldu_model(model: nn.Module, config: Union[LoLDUConfig, dict]) -> LoLDUModel:
+    """PEFT's get_peft_model: add LoLDU as ``config`` (a LoLDUConfig, or a dict of its fields, PEFT's names
+    included) says, freeze everything but the adapter (d, s and modules_to_save; all of it with
+    inference_mode=True), and return a LoLDUModel around the model (changed in place). If adding fails, nothing
+    is changed, requires_grad included."""
+    if isinstance(config, dict):
+        config = LoLDUConfig.from_dict(config, "get_loldu_model")
+    if not isinstance(config, LoLDUConfig):
+        raise TypeError(f"get_loldu_model: config must be a LoLDUConfig or a dict, got {type(config).__name__}")
+    if isinstance(model, LoLDUModel):
+        raise ValueError("get_loldu_model: the model is already a LoLDUModel; add another adapter with "
+                         "load_adapter, or call get_loldu_model on model.get_base_model()")
+    add_loldu(model, config)
+    mark_only_loldu_as_trainable(model)
+    if config.inference_mode:
+        model.requires_grad_(False)
+    return LoLDUModel(model, config, get_active_adapter(model))
