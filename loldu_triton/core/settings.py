@@ -243,12 +243,12 @@ def translate_peft_names(kwargs: dict, where: str) -> dict:
     if refused:
         raise ValueError(f"{where}: {refused[0]!r} is a LoRA setting with no LoLDU meaning: "
                         f"{PEFT_REFUSED[refused[0]]}")
-    out = {}
+    out, given_as = {}, {}
     for key, value in kwargs.items():
         field = PEFT_ALIASES.get(key, key)
         if field in out:
-            raise ValueError(f"{where}: {key!r} and {field!r} are the same setting; pass one")
-        out[field] = value
+            raise ValueError(f"{where}: {given_as[field]!r} and {key!r} are the same setting; pass one")
+        out[field], given_as[field] = value, key
     return out
 
 
