@@ -281,7 +281,7 @@ def test_crafted_files_are_refused_naming_the_file_and_field(two_adapters, tmp_p
     load_and_expect(tmp_path, two_adapters[1], f"{ADAPTER_NAME}.*{match}")
 
 
-@pytest.mark.parametrize("version, match", [("3", "has format version 3, newer than this library"),
+@pytest.mark.parametrize("version, match", [("4", "has format version 4, newer than this library"),
                                             ("two", "format_version must be a number written in ASCII digits, got 'two'")])
 def test_format_versions_are_checked(two_adapters, tmp_path, version, match):
     from safetensors.torch import save

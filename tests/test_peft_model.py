@@ -2,6 +2,7 @@
 a tiny BERT classifier with modules_to_save, both under transformers.Trainer), saving by every route a user
 takes, loading on a fresh base, merging, named adapters with their heads, and the refusals."""
 import copy
+import json
 import pickle
 
 import pytest
@@ -282,3 +283,97 @@ def test_config_takes_peft_names_and_refuses_the_others_by_name():
                                                           exclude_modules=r"model\.layers\.1\..*"))
     assert [n for n, _ in loldu_layers(excluded)] == ["model.layers.0.self_attn.q_proj"]
     set_adapter(excluded, "default")
+
+
+def head_crafts(config, tensors):
+    """Edits an attacker might make to the modules_to_save part of a valid file (checksum recomputed)."""
+    heads = config["modules_to_save"]
+    key = "modules_to_save:lm_head:weight"
+    return {
+        "records as a list": (lambda: config.update(modules_to_save=["lm_head"]), r"modules_to_save must be an object"),
+        "no type": (lambda: heads["lm_head"].pop("type"),
+                    r"modules_to_save 'lm_head' must be an object with a 'type' string and a non-empty 'keys' list"),
+        "keys empty": (lambda: heads["lm_head"].update(keys=[]), r"a non-empty 'keys' list"),
+        "tensor missing": (lambda: tensors.pop(key), rf"tensor '{key}' is missing"),
+        "tensor nan": (lambda: tensors[key].view(-1)[3:4].fill_(float("nan")), rf"{key} contains NaN or Inf"),
+        "unlisted tensor": (lambda: tensors.update({"modules_to_save:lm_head:payload": torch.zeros(2)}),
+                            r"unexpected \['modules_to_save:lm_head:payload'\]"),
+        "another type": (lambda: heads["lm_head"].update(type="Conv2d"),
+                         r"saves module 'lm_head' \(a Conv2d\), but the model has Linear there"),
+        "another shape": (lambda: tensors.update({key: torch.zeros(7, 16)}),
+                          r"module 'lm_head': weight has shape \(6, 16\) in the model, \(7, 16\)"),
+        "another key": (lambda: heads["lm_head"].update(keys=["weight"]) or tensors.pop("modules_to_save:lm_head:bias"),
+                        r"module 'lm_head' holds \['bias', 'weight'\], the adapter .* saves \['weight'\]"),
+    }
+
+
+@pytest.mark.parametrize("case", list(head_crafts({"modules_to_save": {"lm_head": {}}}, {})))
+def test_crafted_modules_to_save_are_refused_with_nothing_changed(tmp_path, case):
+    from test_adapters import assert_unchanged, read_file, snapshot
+    from test_api import TinyLM
+
+    from loldu_triton.core.fileformat import serialize
+
+    torch.manual_seed(0)
+    base = TinyLM()
+    state = copy.deepcopy(base.state_dict())
+    model = get_loldu_model(base, LoLDUConfig(r=3, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    save_loldu(model, tmp_path)
+    config, tensors = read_file(tmp_path)
+    edit, match = head_crafts(config, tensors)[case]
+    edit()
+    (tmp_path / ADAPTER_NAME).write_bytes(serialize(tensors, json.dumps(config), version=3))
+    target = TinyLM()
+    target.load_state_dict(state)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=match):
+        load_loldu(target, tmp_path)
+    assert_unchanged(target, before)
+
+
+def test_the_wrappers_state_dict_is_the_adapter_so_tied_models_checkpoint_under_a_trainer(tmp_path):
+    config = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+
+    def tied(seed=0):
+        torch.manual_seed(seed)
+        return tf.LlamaForCausalLM(config)
+
+    model = get_loldu_model(tied(), LoLDUConfig(r=4, target_modules=["q_proj"]))
+    assert model.get_base_model().lm_head.weight is model.get_base_model().model.embed_tokens.weight
+    assert sorted(model.state_dict()) == ["_extra_state"] + [f"base_model.model.layers.{i}.self_attn.q_proj.{p}"
+                                                             for i in range(2) for p in "ds"]
+    trainer = train(model, tmp_path / "run", steps=2, save_steps=1)  # safetensors refuses shared tensors
+    trainer.save_model(str(tmp_path / "final"))
+    ids = Tokens().ids[:2]
+    assert torch.equal(logits(LoLDUModel.from_pretrained(tied(), tmp_path / "final"), ids), logits(model, ids))
+    # on another base the pivots differ: refused by name, not loaded as noise
+    other = tied(seed=3)
+    with pytest.raises(ValueError, match=r"layers \[.*q_proj.*\] have a different base weight"):
+        LoLDUModel.from_pretrained(other, tmp_path / "final")
+    assert not loldu_layers(other) and "save_pretrained" not in vars(other)  # left as it was
+    assert torch.equal(logits(other, ids), logits(tied(seed=3), ids))
+    # a state dict without the adapter's keys is refused before anything loads
+    fresh = get_loldu_model(tied(), LoLDUConfig(r=4, target_modules=["q_proj"]))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"lacks \['base_model.model.layers.0.self_attn.q_proj.d'"):
+        fresh.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("0.self_attn.q_proj.d")})
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+
+
+def test_from_pretrained_as_a_named_adapter_and_unsupported_arguments_are_refused(tmp_path):
+    model = get_loldu_model(tiny_llama(), LoLDUConfig(r=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for _, layer in loldu_layers(model):
+            layer.d.mul_(1.7)
+    model.save_pretrained(tmp_path / "a")
+    ids = Tokens().ids[:2]
+    named = LoLDUModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="support")
+    assert named.active_adapter == "support" and list_adapters(named) == ["support"]
+    assert list(named.peft_config) == ["support"]
+    assert torch.equal(logits(named, ids), logits(model, ids))
+    with pytest.raises(TypeError, match=r"\['push_to_hub'\] are not supported"):
+        model.save_pretrained(tmp_path / "b", push_to_hub=True)
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(TypeError):
+        LoLDUModel.from_pretrained(tiny_llama(), tmp_path / "a", revision="main")

@@ -4,7 +4,8 @@ Forward, ``generate`` and every attribute reach the wrapped model unchanged; the
 meaning. Saving never loses the fine-tune: ``save_pretrained`` (the wrapper's, and the wrapped Hugging Face
 model's own) writes the adapter file (d, s and modules_to_save), or the merged model when asked; a
 ``Trainer``, which saves a model that is not its own kind as a state dict, finds the adapter's settings in it
-(``get_extra_state``), so its checkpoints resume and ``LoLDUModel.from_pretrained`` reads them back."""
+(``get_extra_state``): the wrapper's state dict is the adapter (what trains) and its settings, so a
+Trainer's checkpoints are small, resume, and ``LoLDUModel.from_pretrained`` reads them back."""
 from __future__ import annotations
 
 import contextlib
@@ -43,7 +44,7 @@ def wrapper_class(model_class: type) -> type:
         forward.__doc__ = model_class.forward.__doc__
         cls = type("LoLDUModel", (LoLDUModel,), {"forward": forward, "__module__": __name__,
                                                 "__qualname__": "LoLDUModel"})
-        _CLASSES[model_class] = cls
+        cls = _CLASSES.setdefault(model_class, cls)  # (two threads: both get the first one stored)
     return cls
 
 
@@ -64,12 +65,14 @@ class LoLDUModel(nn.Module):
             cls = wrapper_class(type(model))
         return super().__new__(cls)
 
-    def __init__(self, model: nn.Module, config: LoLDUConfig, adapter_name: str = "default"):
+    def __init__(self, model: nn.Module, config: Optional[LoLDUConfig], adapter_name: str = "default"):
         super().__init__()
         if isinstance(model, LoLDUModel):
             raise ValueError("LoLDUModel: the model is already a LoLDUModel")
         self.base_model = model
-        self.peft_config = {check_adapter_name(adapter_name, "LoLDUModel"): config}
+        check_adapter_name(adapter_name, "LoLDUModel")
+        self.peft_config = {} if config is None else {adapter_name: config}
+        self.register_state_dict_post_hook(keep_adapter_only)
         if callable(getattr(type(model), "save_pretrained", None)):
             # The wrapped model's own save_pretrained would write the base with d and s as unexpected keys,
             # which from_pretrained drops: it saves what this wrapper saves.
@@ -152,18 +155,24 @@ class LoLDUModel(nn.Module):
         check_adapter_name(adapter_name, "load_adapter")
         trainable = adapter_name == self.active_adapter
         load_loldu(self.base_model, model_id, adapter_name=None if trainable else adapter_name)
-        self.peft_config[adapter_name] = adapter_config(model_id)
+        config = adapter_config(model_id)
+        if config is not None:
+            self.peft_config[adapter_name] = config
         if trainable:
             for param in mark_only_loldu_as_trainable(self.base_model).parameters():
                 param.requires_grad_(param.requires_grad and is_trainable)
 
     def save_pretrained(self, save_directory, selected_adapters=None, merged: bool = False,
-                        is_main_process: bool = True, overwrite: bool = False, **_ignored) -> None:
+                        is_main_process: bool = True, overwrite: bool = False, state_dict=None,
+                        safe_serialization: bool = True, **others) -> None:
         """Write the trainable adapter (and each of ``selected_adapters``, into a subfolder of its name) as this
         library's adapter file, modules_to_save included; ``merged=True`` writes the merged model instead, with
         the wrapped Hugging Face model's own save_pretrained (W0 + delta in each layer, a plain checkpoint that
-        ``from_pretrained`` of the model class reads). Arguments of transformers' save_pretrained other than
-        ``is_main_process`` (a ``state_dict`` from a Trainer, say) are ignored: the adapter is read from the model."""
+        ``from_pretrained`` of the model class reads). A ``state_dict`` (a Trainer passes one) is not used: the
+        adapter is read from the model; the file is safetensors either way. Other arguments of transformers'
+        save_pretrained (push_to_hub, ...) are refused rather than dropped."""
+        if others:
+            raise TypeError(f"save_pretrained: {sorted(others)} are not supported by LoLDUModel.save_pretrained")
         if not is_main_process:
             return
         directory = Path(save_directory)
@@ -180,37 +189,81 @@ class LoLDUModel(nn.Module):
                 save_loldu(self.base_model, directory / name, adapter_name=name, overwrite=overwrite)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
-                        **_ignored) -> "LoLDUModel":
+    def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default",
+                        is_trainable: bool = False) -> "LoLDUModel":
         """``model`` (a plain base) with the adapter in ``model_id``: a folder of save_pretrained's, or a
-        Trainer's output (its model.safetensors). Frozen and in eval mode unless ``is_trainable``."""
+        Trainer's output (its model.safetensors), as the trainable adapter ``adapter_name``. Frozen and in eval
+        mode unless ``is_trainable``."""
+        check_adapter_name(adapter_name, "LoLDUModel.from_pretrained")
         directory = Path(model_id)
         if not (directory / ADAPTER_NAME).exists() and (directory / TRAINER_WEIGHTS).exists():
-            wrapped = from_trainer_weights(model, directory / TRAINER_WEIGHTS, adapter_name)
-        else:
-            wrapped = cls(load_loldu(model, directory), adapter_config(directory), adapter_name)
+            if adapter_name != "default":
+                raise ValueError(f"LoLDUModel.from_pretrained: {directory} is a Trainer's state dict, which loads "
+                                 f"as the adapters it holds; load it with adapter_name='default'")
+            wrapped = from_trainer_weights(model, directory / TRAINER_WEIGHTS)
+        elif adapter_name == "default":
+            wrapped = LoLDUModel(load_loldu(model, directory), adapter_config(directory), adapter_name)
+        else:  # the layers' trainable adapter is "default" until set_adapter names it
+            load_loldu(model, directory, adapter_name=adapter_name)
+            delete_adapter(set_adapter(model, adapter_name), "default")
+            wrapped = LoLDUModel(model, adapter_config(directory), adapter_name)
         mark_only_loldu_as_trainable(model)
         if not is_trainable:
             model.requires_grad_(False)
             wrapped.eval()
         return wrapped
 
-    # --- a Trainer's state-dict checkpoints -------------------------------------------------------------------
+    # --- state dicts: what trains, with the settings (a Trainer's checkpoints) --------------------------------
+
+    def adapter_state_keys(self) -> set:
+        """The keys of ``state_dict()``: d and s of each layer, each modules_to_save copy, the settings."""
+        keys = {"_extra_state"}
+        for name, _ in loldu_layers(self):
+            keys |= {f"base_model.{name}.d", f"base_model.{name}.s"}
+        for name, module in saved_modules(self):
+            keys |= {f"base_model.{name}.modules_to_save.{k}" for k in module.modules_to_save.state_dict()}
+        return keys
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's, for ``state_dict()``'s keys: the adapter's must all be there under ``strict``; the
+        frozen base's may be (a full state dict loads too). The settings must be this model's."""
+        missing = sorted(self.adapter_state_keys() - set(state_dict))
+        if strict and missing:
+            raise RuntimeError(f"LoLDUModel.load_state_dict: the state dict lacks {missing}; nothing was loaded")
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        if strict and result.unexpected_keys:
+            raise RuntimeError(f"LoLDUModel.load_state_dict: unexpected keys {result.unexpected_keys}")
+        return type(result)(missing, result.unexpected_keys)
 
     def get_extra_state(self) -> torch.Tensor:
-        """The adapters' settings, in the state dict as bytes (a Trainer's safetensors file holds only tensors)."""
+        """The adapters' settings and each layer's pivot rows (the base's fingerprint), as bytes: a Trainer's
+        safetensors file holds only tensors."""
         text = json.dumps({"format": STATE_FORMAT, "active_adapter": self.active_adapter,
-                           "peft_config": {k: v.to_dict() for k, v in self.peft_config.items()}})
+                           "peft_config": {k: v.to_dict() for k, v in self.peft_config.items()},
+                           "pivots": {name: layer.pivots.tolist() for name, layer in loldu_layers(self)}})
         return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state) -> None:
-        """Loading a state dict: its adapters' settings must be this model's (a checkpoint of another config
-        would load its values into layers of other shapes or meaning)."""
+        """Loading a state dict: its adapters' settings must be this model's, on the same base weights (a
+        checkpoint of another config or base would load its values into layers of other meaning)."""
         saved = read_extra_state(state, "LoLDUModel.load_state_dict")
         mine = {k: v.to_dict() for k, v in self.peft_config.items()}
         if saved["peft_config"] != mine:
             raise ValueError(f"LoLDUModel.load_state_dict: the state dict is of adapters {saved['peft_config']}, "
                              f"this model has {mine}")
+        pivots = {name: layer.pivots.tolist() for name, layer in loldu_layers(self)}
+        other = sorted(n for n in pivots if saved.get("pivots", {}).get(n, pivots[n]) != pivots[n])
+        if other:
+            raise ValueError(f"LoLDUModel.load_state_dict: layers {other} have a different base weight than the "
+                             f"state dict was trained on (their LU pivots differ)")
+
+
+def keep_adapter_only(module: LoLDUModel, state_dict, prefix: str, local_metadata) -> None:
+    """state_dict() of a LoLDUModel: what trains and the settings. The frozen base is the base model's (and its
+    tied weights would stop a Trainer's safetensors save)."""
+    keep = {prefix + k for k in module.adapter_state_keys()}
+    for key in [k for k in state_dict if k.startswith(prefix) and k not in keep]:
+        del state_dict[key]
 
 
 def read_extra_state(state, where: str) -> dict:
@@ -225,8 +278,8 @@ def read_extra_state(state, where: str) -> dict:
     return data
 
 
-def from_trainer_weights(model: nn.Module, path: Path, adapter_name: str) -> LoLDUModel:
-    """A LoLDUModel from a Trainer's safetensors state dict of one (base weights, d, s, modules_to_save)."""
+def from_trainer_weights(model: nn.Module, path: Path) -> LoLDUModel:
+    """A LoLDUModel from a Trainer's safetensors state dict of one (d, s, modules_to_save, the settings)."""
     from safetensors.torch import load_file
 
     state = load_file(str(path))
@@ -238,16 +291,20 @@ def from_trainer_weights(model: nn.Module, path: Path, adapter_name: str) -> LoL
     active = settings["active_adapter"]
     wrapped = LoLDUModel(add_loldu(model, configs[active]), configs[active], active)
     wrapped.peft_config = configs
-    wrapped.load_state_dict(state, strict=True)
+    try:
+        wrapped.load_state_dict(state, strict=True)  # (the base's weights stay the given model's)
+    except Exception:
+        wrapped.unload()  # the model as it was given
+        raise
     return wrapped
 
 
-def adapter_config(directory) -> LoLDUConfig:
-    """The LoLDUConfig stored with an adapter (its layers' settings differ: the first layer's rank and alpha)."""
+def adapter_config(directory) -> Optional[LoLDUConfig]:
+    """The LoLDUConfig stored with an adapter; None for a file whose layers have different settings."""
     try:
         return LoLDUConfig.from_pretrained(directory)
     except ValueError:
-        return LoLDUConfig(rank="full")
+        return None
 
 
 def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
