@@ -21,6 +21,8 @@ class LoLDUConfig:
       nn.Embedding too.
     - base_quantization: None, "int8" or "fp8": keep each adapted nn.Linear's frozen weight quantized.
     - backend: "auto", "torch" or "triton" (a runtime choice; adapter files do not record it).
+    - dropout: PEFT's lora_dropout, on the rank-r path's input only, in training mode (a float in [0, 1); a
+      training setting that adapter files do not record).
 
     Every field is checked when set, at construction and after it: a config that exists is a valid one.
     """
@@ -32,6 +34,7 @@ class LoLDUConfig:
     target_modules: Union[None, str, Sequence[str]] = None
     base_quantization: Optional[str] = None
     backend: str = "auto"
+    dropout: float = 0.0
 
     def __setattr__(self, name, value):
         check = FIELD_CHECKS.get(name)

@@ -80,8 +80,10 @@ def save_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None, 
         tensors[f"{name}.pivots"] = layer.pivots.detach().to("cpu", torch.int32)
         tensors[f"{name}.sketch"] = sketch
     common = common_config(layers)
-    # The top level is the common LoLDUConfig (rank null when the layers differ; backend is a runtime choice).
-    fields = {k: v for k, v in common.to_dict().items() if k != "backend"} if common else {"rank": None}
+    # The top level is the common LoLDUConfig (rank null when the layers differ; backend is a runtime choice,
+    # dropout a training one: neither is recorded).
+    fields = ({k: v for k, v in common.to_dict().items() if k not in ("backend", "dropout")} if common
+              else {"rank": None})
     config = {"library_version": __version__, **fields, "layers": records}
     data = serialize(tensors, json.dumps(config, separators=(",", ":")))
     directory = Path(directory)
