@@ -314,3 +314,15 @@ def test_embedding_refuses_dropout_by_name():
     assert type(model[0]) is nn.Embedding and type(model[1]) is nn.Linear
     add_loldu(model, rank=3, target_modules=["1"], dropout=0.1)  # the linear layer alone takes it
     assert model[1].dropout == 0.1
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_a_no_grad_call_in_training_mode_applies_dropout(backend):
+    """Without autograd (forward_2d, not the Function; not the inference cache) the mask applies as well."""
+    layer = make_layer(backend=backend)
+    x, dy = inputs()
+    torch.manual_seed(SEED)
+    with torch.no_grad():
+        y = layer(x)
+    args = reference_args(layer, x, dy, kept(x.detach(), P))
+    assert_float64_close(y, lambda *a: reference(*a)[0], *args, name="no_grad")

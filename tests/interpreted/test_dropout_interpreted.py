@@ -99,3 +99,10 @@ def test_triton_dropout_under_torch_compile_aot_eager():
     keep = kept(x.detach().reshape(-1, K), P).reshape(x.shape)
     for _ in range(2):
         assert_float64_close(step(compiled, x, dy), reference, *reference_args(layer, x, dy, keep), name="compiled")
+
+
+def test_triton_no_grad_call_in_training_mode_applies_dropout(calls):
+    from test_dropout import test_a_no_grad_call_in_training_mode_applies_dropout as check
+
+    check("triton")
+    assert calls["run_forward"] == [True]
