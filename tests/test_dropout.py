@@ -316,8 +316,11 @@ def test_embedding_refuses_dropout_by_name():
     assert model[1].dropout == 0.1
 
 
-@pytest.mark.parametrize("backend", ["torch"])
-def test_a_no_grad_call_in_training_mode_applies_dropout(backend):
+def test_a_no_grad_call_in_training_mode_applies_dropout():
+    check_no_grad_call("torch")
+
+
+def check_no_grad_call(backend):
     """Without autograd (forward_2d, not the Function; not the inference cache) the mask applies as well."""
     layer = make_layer(backend=backend)
     x, dy = inputs()

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 from kernel_checks import assert_float64_close
-from test_dropout import K, N, P, inputs, kept, make_layer, reference, reference_args, step
+from test_dropout import K, N, P, check_no_grad_call, inputs, kept, make_layer, reference, reference_args, step
 
 import loldu_triton.kernels.launch as kernels
 from loldu_triton import adapter_batch
@@ -102,7 +102,5 @@ def test_triton_dropout_under_torch_compile_aot_eager():
 
 
 def test_triton_no_grad_call_in_training_mode_applies_dropout(calls):
-    from test_dropout import test_a_no_grad_call_in_training_mode_applies_dropout as check
-
-    check("triton")
+    check_no_grad_call("triton")
     assert calls["run_forward"] == [True]
