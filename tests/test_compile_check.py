@@ -33,6 +33,8 @@ def test_every_variant_compiles_and_the_check_passes(records):
     assert any(r["dtype"] == "float16" and r["operands"].split(",")[2] == "float32" for r in recs
                if r["kernel"] == "gemm_fwd")
     assert any("int8" in r["operands"] for r in recs) and any("PER_ROW" in r["route"] for r in recs)
+    # dropout's backward GEMM (dY W alone, with the grad_e sum), over an int8 base too
+    assert any(r["route"].startswith("dropout-bwd") and "SCALE_K" in r["route"] for r in recs)
 
 
 def test_no_offered_config_exceeds_shared_memory(records):

@@ -4,6 +4,7 @@ call these (the Triton kernels compute the same products tile by tile).
     e      = s * d - s0 * d0                    the change of the diagonal since init
     W_eff  = W0 + L diag(e) U                   the merged weight
     side   = out + (a * e) B^T                  the rank-r term: (t * e) L^T forward, (v * e) U backward
+             (under dropout t = dropout(x) U^T, and (v * e) U is dropout(x)'s gradient, not added to dX)
 """
 from __future__ import annotations
 
@@ -38,3 +39,9 @@ def add_side_term(out: torch.Tensor, a: torch.Tensor, e: torch.Tensor, b_t: torc
     """out += (a * e) b_t in place, in out's dtype: y += (t * e) L^T forward (b_t = L^T), dX += (v * e) U
     backward (b_t = U). a: (M, r), e: (r,) or one row per row of a."""
     return out.addmm_((a * e).to(out.dtype), b_t.to(out.dtype))
+
+
+def side_term(a: torch.Tensor, e: torch.Tensor, b_t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(a * e) b_t as a new tensor of ``dtype``: the rank-r term alone, where it is not added to another
+    (dropout(x)'s gradient (v * e) U)."""
+    return (a * e).to(dtype) @ b_t.to(dtype)

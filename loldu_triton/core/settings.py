@@ -96,6 +96,14 @@ def check_quantization(kind, where: str):
     return kind
 
 
+def check_dropout(p, where: str) -> float:
+    """The adapter-input dropout probability: a finite real in [0, 1) (1 would drop every input; a bool or a
+    string is not a probability)."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"{where}: dropout must be a float in [0, 1), got {p!r} ({type(p).__name__})")
+    return float(p)
+
+
 def check_settings(where: str, rank, alpha, init, init_seed, shape=None, allow_full=False):
     """(rank, alpha, init, init_seed), each checked; alpha None stays None."""
     return (check_rank(rank, where, shape, allow_full), check_alpha(alpha, where), check_init(init, where),
@@ -213,6 +221,7 @@ FIELD_CHECKS = {
     "target_modules": check_target_modules,
     "base_quantization": check_quantization,
     "backend": check_backend,
+    "dropout": check_dropout,
     "exclude_modules": check_exclude_modules,
     "modules_to_save": check_modules_to_save,
     "task_type": check_task_type,

@@ -47,13 +47,17 @@ GRAD_E_ROUTES = ("shrink", "outer")
 
 class StepPlan(NamedTuple):
     forward: str  # "side" or "merged": the GEMM y = x W_eff^T + b
-    backward: Optional[str]  # the same for dX = dY W_eff; None where no dX is wanted
+    backward: Optional[str]  # the same for dX = dY W_eff ("base" under dropout); None where no dX is wanted
     grad_e: Optional[str]  # "shrink" or "outer"; None where no grad_e is wanted
     keep_merged: bool  # forward's W_eff is kept for backward
 
 
 # Many adapters in one batch (a per-row e): the side path, the only one that gathers e per row.
 SIDE_STEP = StepPlan("side", "side", "shrink", False)
+# Dropout on the adapter's input: the rank-r path reads dropout(x), the base GEMM x, so no merged route
+# (W_eff would apply the delta to x itself) and no outer grad_e (it needs dropout(x) kept). "base": dX = dY W
+# alone; the rank-r term's gradient (v * e) U goes to dropout(x), whose backward applies the mask.
+DROPOUT_STEP = StepPlan("side", "base", "shrink", False)
 
 
 def _constants(itemsize: int, device_type: str, fused_epilogue: bool):

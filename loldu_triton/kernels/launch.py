@@ -33,7 +33,8 @@ from ..core.operands import check_operands, check_rows
 from ..factors.planner import ROUTES, plan
 from .common import INTERPRET, set_wrap_triton_enabled
 from .merge import merge_into
-from .ops import backward_into, backward_rows_impl, bwd_op, forward_into, forward_rows_impl, fwd_op, merge_op
+from .ops import (backward_base_impl, backward_into, backward_rows_impl, bwd_base_op, bwd_op, forward_into,
+                  forward_rows_impl, fwd_op, merge_op)
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -122,19 +123,32 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return run_forward(x, weight, bias, L, U, e, route=route, y_out=y_out, weight_scale=weight_scale)
 
 
-def run_forward(x, weight, bias, L, U, e, *, route=None, y_out=None, weight_scale=None):
-    """forward() on operands that check_operands passed."""
+def run_forward(x, weight, bias, L, U, e, *, route=None, y_out=None, weight_scale=None, x_side=None):
+    """forward() on operands that check_operands passed. x_side: dropout(x), of x's shape and dtype, read by
+    the shrink instead of x (route "side" only: t = x_side U^T); None for x itself."""
     _check_kernel_dtypes(x, weight, bias, L, U, e, weight_scale)
     (M, K), N, r = x.shape, weight.shape[0], e.shape[0]
     route = _route(route, M, K, N, r, x.element_size())
+    _check_side(x, x_side, route)
     bias, e, scale = _vec(bias), _vec(e), _vec(weight_scale)
+    extra = () if x_side is None else (x_side,)  # (without dropout the op is called as it always was)
     if y_out is None:
-        return fwd_op(x, weight, bias, L, U, e, route, scale)
+        return fwd_op(x, weight, bias, L, U, e, route, scale, *extra)
     _check_out(y_out, (M, N), x.dtype, "y_out")
     _check_device(x, y_out)
     with set_wrap_triton_enabled(False):
-        t = forward_into(x, weight, bias, L, U, e, route, y_out, scale)
+        t = forward_into(x, weight, bias, L, U, e, route, y_out, scale, x_side)
     return y_out, t
+
+
+def _check_side(x, x_side, route="side"):
+    if x_side is None:
+        return
+    if x_side.shape != x.shape or x_side.dtype != x.dtype or x_side.device != x.device:
+        raise ValueError(f"x_side must be {x.dtype} of shape {tuple(x.shape)} on {x.device}, like x; got "
+                         f"{x_side.dtype} {tuple(x_side.shape)} on {x_side.device}")
+    if route != "side":
+        raise ValueError(f"x_side (dropout(x)) needs the 'side' route; the merged one applies the delta to x")
 
 
 def backward(dy: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor,
@@ -203,11 +217,13 @@ def forward_rows(x, weight, bias, L, U, e, rows, weight_scale=None):
     return run_forward_rows(x, weight, bias, L, U, e, rows, weight_scale)
 
 
-def run_forward_rows(x, weight, bias, L, U, e, rows, weight_scale=None):
-    """forward_rows() on operands that check_operands and check_rows passed."""
+def run_forward_rows(x, weight, bias, L, U, e, rows, weight_scale=None, x_side=None):
+    """forward_rows() on operands that check_operands and check_rows passed; x_side as in run_forward."""
     _check_kernel_dtypes(x, weight, bias, L, U, e, weight_scale)
+    _check_side(x, x_side)
     with set_wrap_triton_enabled(False):
-        return forward_rows_impl(x, weight, _vec(bias), L, U, e.contiguous(), rows.contiguous(), _vec(weight_scale))
+        return forward_rows_impl(x, weight, _vec(bias), L, U, e.contiguous(), rows.contiguous(), _vec(weight_scale),
+                                 x_side)
 
 
 def backward_rows(dy, t, weight, L, U, e, rows, weight_scale=None):
@@ -223,3 +239,16 @@ def run_backward_rows(dy, t, weight, L, U, e, rows, weight_scale=None):
     _check_kernel_dtypes(dy, weight, None, L, U, e, weight_scale)
     with set_wrap_triton_enabled(False):
         return backward_rows_impl(dy, t, weight, L, U, e.contiguous(), rows.contiguous(), _vec(weight_scale))
+
+
+def run_backward_base(dy, t, weight, L, U, e, rows=None, weight_scale=None):
+    """The backward under dropout, on operands that check_operands passed (in forward): (dX = dY W alone,
+    grad_e = sum_rows(t * v), v = dY L), e (r,) or with rows an (A, r) table. The rank-r term's gradient
+    (v * e) U is dropout(x)'s, not dX's: the caller forms it from v."""
+    _check_kernel_dtypes(dy, weight, None, L, U, e, weight_scale)
+    _check_device(dy, t)
+    scale = _vec(weight_scale)
+    if rows is None:
+        return bwd_base_op(dy, t, weight, L, U, _vec(e), scale)
+    with set_wrap_triton_enabled(False):
+        return backward_base_impl(dy, t, weight, L, U, e.contiguous(), rows.contiguous(), scale)

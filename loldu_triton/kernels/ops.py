@@ -16,12 +16,13 @@ from .merge import merged_weight
 from .shrink import shrink
 
 
-def forward_into(x, weight, bias, L, U, e, route, y, scale=None):
+def forward_into(x, weight, bias, L, U, e, route, y, scale=None, x_side=None):
+    """y in place; returns t. x_side: the shrink's input where it is not x (dropout(x): the side route only)."""
     M, K = x.shape
     t = torch.empty((M, L.shape[1]), device=x.device, dtype=shrink_dtype(x.dtype))
     if M == 0:
         return t
-    shrink(x, U, U.stride(1), U.stride(0), t)
+    shrink(x if x_side is None else x_side, U, U.stride(1), U.stride(0), t)
     if route == "side":
         gemm(x, weight, weight.stride(1), weight.stride(0), y, (t, e, L, L.stride(1), L.stride(0)), bias,
              scale=scale)
@@ -48,13 +49,13 @@ def backward_into(dy, t, weight, L, U, e, route, dx, scale=None):
     return grad_e
 
 
-def forward_rows_impl(x, weight, bias, L, U, e, rows, scale=None):
+def forward_rows_impl(x, weight, bias, L, U, e, rows, scale=None, x_side=None):
     """forward with a per-row adapter: row m scales by e[rows[m]] of an (A, r) table. Returns (y, t)."""
     M, N, r = x.shape[0], weight.shape[0], L.shape[1]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     t = torch.empty((M, r), device=x.device, dtype=shrink_dtype(x.dtype))
     if M:
-        shrink(x, U, U.stride(1), U.stride(0), t)
+        shrink(x if x_side is None else x_side, U, U.stride(1), U.stride(0), t)
         gemm(x, weight, weight.stride(1), weight.stride(0), y, (t, e, L, L.stride(1), L.stride(0)), bias, rows=rows,
              scale=scale)
     return y, t
@@ -74,15 +75,33 @@ def backward_rows_impl(dy, t, weight, L, U, e, rows, scale=None):
     return dx, grad_e
 
 
+def backward_base_impl(dy, t, weight, L, U, e, rows=None, scale=None):
+    """The backward under dropout: (dX = dY W alone, grad_e, v = dY L). The rank-r term's gradient (v * e) U
+    belongs to dropout(x), not x: the caller computes it from v. e is (r,), or an (A, r) table with rows."""
+    M, K, r = dy.shape[0], weight.shape[1], L.shape[1]
+    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
+    v = torch.empty((M, r), device=dy.device, dtype=dy.dtype)
+    if M == 0:
+        return dx, torch.zeros_like(e), v
+    if rows is not None:
+        shrink(dy, L, L.stride(0), L.stride(1), v)
+        gemm(dy, weight, weight.stride(0), weight.stride(1), dx, scale=scale, backward=True)
+        return dx, torch.zeros_like(e).index_add_(0, rows, t.float() * v.float()), v
+    grad_e = torch.empty((r,), device=dy.device, dtype=torch.float32)
+    part = shrink(dy, L, L.stride(0), L.stride(1), v, t)
+    gemm(dy, weight, weight.stride(0), weight.stride(1), dx, scale=scale, backward=True, grad_e=(part, grad_e))
+    return dx, grad_e, v
+
+
 def _fwd_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], L: torch.Tensor,
-              U: torch.Tensor, e: torch.Tensor, route: str,
-              scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+              U: torch.Tensor, e: torch.Tensor, route: str, scale: Optional[torch.Tensor] = None,
+              x_side: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     y = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
-    t = forward_into(x, weight, bias, L, U, e, route, y, scale)
+    t = forward_into(x, weight, bias, L, U, e, route, y, scale, x_side)
     return y, t
 
 
-def _fwd_fake(x, weight, bias, L, U, e, route, scale=None):
+def _fwd_fake(x, weight, bias, L, U, e, route, scale=None, x_side=None):
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], L.shape[1]), dtype=shrink_dtype(x.dtype))
 
 
@@ -96,6 +115,17 @@ def _bwd_impl(dy: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, L: torch.
 
 def _bwd_fake(dy, t, weight, L, U, e, route, scale=None):
     return dy.new_empty((dy.shape[0], weight.shape[1])), e.new_empty(e.shape)
+
+
+def _bwd_base_impl(dy: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor,
+                   e: torch.Tensor,
+                   scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backward_base_impl(dy, t, weight, L, U, e, None, scale)
+
+
+def _bwd_base_fake(dy, t, weight, L, U, e, scale=None):
+    return (dy.new_empty((dy.shape[0], weight.shape[1])), e.new_empty(e.shape),
+            dy.new_empty((dy.shape[0], L.shape[1])))
 
 
 def _merge_impl(weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor, e: torch.Tensor,
@@ -116,5 +146,6 @@ def _register(name, impl, fake):
 
 fwd_op = _register("loldu_triton::fwd", _fwd_impl, _fwd_fake)
 bwd_op = _register("loldu_triton::bwd", _bwd_impl, _bwd_fake)
+bwd_base_op = _register("loldu_triton::bwd_base", _bwd_base_impl, _bwd_base_fake)
 merge_op = _register("loldu_triton::merge", _merge_impl, _merge_fake)
 

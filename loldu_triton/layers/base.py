@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..core.config import LoLDUConfig
-from ..core.settings import QUANTIZED_DTYPES, check_backend
+from ..core.settings import QUANTIZED_DTYPES, check_backend, check_dropout
 from ..factors.fingerprint import weight_checksum, weight_sketch
 from ..factors.quant import dequantize
 from ..ops.functional import loldu_merged_weight
@@ -40,23 +40,25 @@ class LoLDULayer(LoLDUMixin):
         backend: str = "auto",
         name: Optional[str] = None,
         freeze: bool = True,
+        *,
+        dropout: float = 0.0,
     ):
         """Wrap ``module`` (a ``base_class``), keeping all its attributes and sharing its weight and bias.
 
         ``freeze=False`` leaves their requires_grad untouched until ``freeze_base()``, so a caller can build
-        several layers and commit only when all succeeded.
+        several layers and commit only when all succeeded. ``dropout``: see the ``dropout`` attribute.
         """
         self = cls._shell(module)
-        self._setup(rank, alpha, init, init_seed, backend, name, freeze)
+        self._setup(rank, alpha, init, init_seed, backend, name, freeze, dropout=dropout)
         return self
 
     @classmethod
     def from_parametrization(cls, module: nn.Module, parametrization: LoLDUMixin, backend="auto", name=None,
-                             freeze=True):
+                             freeze=True, *, dropout: float = 0.0):
         """Wrap ``module`` with the factors and values of a LoLDUParametrization of its weight."""
         self = cls._shell(module)
         p = parametrization
-        self._setup(p.rank, p.alpha, p.init, p.init_seed, backend, name, freeze, source=p)
+        self._setup(p.rank, p.alpha, p.init, p.init_seed, backend, name, freeze, source=p, dropout=dropout)
         return self
 
     @classmethod
@@ -71,13 +73,14 @@ class LoLDULayer(LoLDUMixin):
         """The weight viewed as the matrix LoLDU factors: out x everything else."""
         return self.weight.reshape(self.weight.shape[0], -1)
 
-    def _setup(self, rank, alpha, init, init_seed, backend, name, freeze, source=None):
+    def _setup(self, rank, alpha, init, init_seed, backend, name, freeze, source=None, dropout=0.0):
         if "_base_state" not in self.__dict__:  # (wrapping a LoLDU layer again keeps its base's record)
             # What the base layer itself holds, so that to_base() gives back exactly that.
             self._base_state = (set(self.__dict__), set(self._parameters), set(self._buffers))
         out_f, in_f = self.weight2d().shape
         name = name or f"{type(self).__name__}({out_f}x{in_f})"
         self.backend = check_backend(backend, name)
+        self._loldu_dropout = self._checked_dropout(dropout, name)
         self._check_supported(name)
         self.base_requires_grad = (self.weight.requires_grad, self.bias is not None and self.bias.requires_grad)
         self._init_loldu(self.factor_weight(), rank, alpha, init, init_seed, name, source)
@@ -86,6 +89,31 @@ class LoLDULayer(LoLDUMixin):
 
     def _check_supported(self, name: str) -> None:
         """Raise for base-layer options LoLDU cannot honour."""
+
+    # A plain attribute (torch.compile guards it), set through the ``dropout`` property, which checks it.
+    _loldu_dropout = 0.0
+    input_dropout = True  # whether the layer's input can be dropped (not an embedding's indices)
+
+    @property
+    def dropout(self) -> float:
+        """The probability of dropping an input of the rank-r path in training mode (PEFT's lora_dropout): that
+        path reads dropout(x), the base path x itself. No effect in eval mode or at 0."""
+        return self._loldu_dropout
+
+    @dropout.setter
+    def dropout(self, p) -> None:
+        self._loldu_dropout = self._checked_dropout(p, self.loldu_name)
+
+    def _checked_dropout(self, p, name: str) -> float:
+        p = check_dropout(p, name)
+        if p and not self.input_dropout:
+            raise ValueError(f"{name}: dropout must be 0 for a {type(self).__name__}: its input is indices, "
+                             f"not features to drop")
+        return p
+
+    def side_dropout(self) -> float:
+        """The dropout this forward applies: ``dropout`` in training mode, else 0."""
+        return self._loldu_dropout if self.training else 0.0
 
     def freeze_base(self) -> None:
         """requires_grad=False on the base weight and bias (to_base() gives their previous flags back)."""
@@ -114,7 +142,7 @@ class LoLDULayer(LoLDUMixin):
     def loldu_settings(self) -> LoLDUConfig:
         """This layer's settings as a LoLDUConfig (rank and alpha as the layer holds them)."""
         return LoLDUConfig(rank=self.rank, alpha=self.alpha, init=self.init, init_seed=self.init_seed,
-                           base_quantization=self.base_quantization, backend=self.backend)
+                           base_quantization=self.base_quantization, backend=self.backend, dropout=self.dropout)
 
     # The layer's state is two independent flags, enabled and merged (plus the adapter names, in state.py);
     # model/manage.py holds the transitions. Merged, ``weight`` is what the flags say to serve: W0 + delta when
@@ -255,4 +283,5 @@ class LoLDULayer(LoLDUMixin):
 
     def _loldu_repr(self) -> str:
         state = (", merged" if self.loldu_merged else "") + ("" if self.loldu_enabled else ", disabled")
-        return f", rank={self.rank}, alpha={self.alpha:g}, init={self.init!r}" + state
+        dropout = f", dropout={self.dropout:g}" if self.dropout else ""
+        return f", rank={self.rank}, alpha={self.alpha:g}, init={self.init!r}" + dropout + state

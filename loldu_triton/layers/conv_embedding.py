@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.formulas import add_side_term
+from ..core.formulas import accumulation_dtype, add_side_term, side_term
 from ..ops.functional import loldu_merged_weight
 from .base import LoLDULayer
 
@@ -15,7 +15,8 @@ class LoLDUConv2d(LoLDULayer, nn.Conv2d):
 
     The forward convolves with W0 + L diag(e) U built in float32 for each call: for convolutions the rows of
     the GEMM (batch x output positions) far outnumber the weight's, which is where merging is the cheaper
-    route (see factors.planner). The delta is kernel-sized, never activation-sized.
+    route (see factors.planner). The delta is kernel-sized, never activation-sized. With ``dropout`` in
+    training mode the rank-r path reads dropout(x): the base and the delta then convolve apart (two convolutions).
     """
 
     base_class = nn.Conv2d
@@ -24,6 +25,12 @@ class LoLDUConv2d(LoLDULayer, nn.Conv2d):
         self._check_width(x, -3, self.in_channels, "channel dim")
         if self.serves_plain():
             return self._conv_forward(x, self.weight, self.bias)
+        dropout = self.side_dropout()
+        if dropout:
+            dtype = self.weight.dtype
+            delta = side_term(self.L, self.delta_diagonal(), self.U, accumulation_dtype(dtype)).to(dtype)
+            return (self._conv_forward(x, self.weight, self.bias)
+                    + self._conv_forward(F.dropout(x, dropout), delta.view_as(self.weight), None))
         weight = loldu_merged_weight(self.weight2d(), self.L, self.U, self.delta_diagonal(), backend="torch")
         return self._conv_forward(x, weight.view_as(self.weight), self.bias)
 
@@ -36,6 +43,7 @@ class LoLDUEmbedding(LoLDULayer, nn.Embedding):
 
     base_class = nn.Embedding
     bias = None  # an embedding has none; the shared LoLDULayer code asks
+    input_dropout = False  # its input is indices: dropout must stay 0
 
     def _adjust_factors(self) -> None:
         # As in nn.Embedding, the padding row never changes: its row of L diag(e) U is zero.

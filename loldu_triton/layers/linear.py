@@ -45,6 +45,7 @@ class LoLDULinear(LoLDULayer, nn.Linear):
 
     Trainable: ``d`` (rank values) and ``s`` (one scale), float32. The factors are non-persistent buffers
     recomputed from ``weight``, so a base checkpoint loads into this layer and then refactorizes it.
+    ``dropout``: in training mode the rank-r path reads dropout(x) (PEFT's lora_dropout), the base path x.
     """
 
     base_class = nn.Linear
@@ -63,16 +64,17 @@ class LoLDULinear(LoLDULayer, nn.Linear):
         init_seed: int = 0,
         backend: str = "auto",
         name: Optional[str] = None,
+        dropout: float = 0.0,
     ):
         nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
-        self._setup(rank, alpha, init, init_seed, backend, name, freeze=True)
+        self._setup(rank, alpha, init, init_seed, backend, name, freeze=True, dropout=dropout)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, alpha: Optional[float] = None, init: str = "lu",
                     init_seed: int = 0, backend: str = "auto", name: Optional[str] = None,
-                    freeze: bool = True) -> "LoLDULinear":
+                    freeze: bool = True, *, dropout: float = 0.0) -> "LoLDULinear":
         """Wrap ``linear`` (see ``from_base``)."""
-        return cls.from_base(linear, rank, alpha, init, init_seed, backend, name, freeze)
+        return cls.from_base(linear, rank, alpha, init, init_seed, backend, name, freeze, dropout=dropout)
 
     def reset_parameters(self) -> None:
         if self.base_quantization is not None:
@@ -110,7 +112,8 @@ class LoLDULinear(LoLDULayer, nn.Linear):
             self._check_width(x, -1, self.in_features, "last dim")
             return F.linear(x, self.dense_weight(), self.bias)
         rows_here = batch_rows(self)
-        if rows_here is None and not torch.is_grad_enabled():
+        dropout = self.side_dropout()
+        if rows_here is None and not torch.is_grad_enabled() and not dropout:
             y = self._inference(x)
             if y is not None:
                 return y
@@ -127,7 +130,7 @@ class LoLDULinear(LoLDULayer, nn.Linear):
             e = torch.cat([torch.zeros_like(e)[None], e[None], named])
             rows = rows_here.repeat_interleave(x[0].numel() // self.in_features)
         return loldu_linear_rows_checked(x, self.weight, self.bias, self.L, self.U, e, self.backend, rows,
-                                         getattr(self, "weight_scale", None), self.loldu_name)
+                                         getattr(self, "weight_scale", None), self.loldu_name, dropout)
 
     def __getstate__(self):
         # Copies (deepcopy, pickle) start without the inference cache: their own d and s start new version

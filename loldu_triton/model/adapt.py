@@ -57,6 +57,7 @@ def add_loldu(
     target_modules: Union[None, str, Sequence[str]] = None,
     backend: str = "auto",
     base_quantization: Optional[str] = None,
+    dropout: float = 0.0,
     exclude_modules: Union[None, str, Sequence[str]] = None,
     modules_to_save: Optional[Sequence[str]] = None,
 ) -> nn.Module:
@@ -78,13 +79,15 @@ def add_loldu(
 
     base_quantization="int8" (or "fp8", e4m3) stores each adapted nn.Linear's frozen weight as weight-only
     quantized values with a scale per output row (see LoLDULinear.quantize_base); the factors come from the
-    unquantized weight. Unlike get_loldu_model, add_loldu leaves requires_grad of the other parameters alone.
+    unquantized weight. ``dropout`` (PEFT's lora_dropout): in training mode each layer's rank-r path reads
+    dropout(x); nn.Embedding layers refuse dropout > 0 (their input is indices). Unlike get_loldu_model,
+    add_loldu leaves requires_grad of the other parameters alone.
     """
     reference = None
     if isinstance(loldu_config, LoLDUConfig):
         keywords = dict(rank=rank, alpha=alpha, init=init, init_seed=init_seed, target_modules=target_modules,
-                        backend=backend, base_quantization=base_quantization, exclude_modules=exclude_modules,
-                        modules_to_save=modules_to_save)
+                        backend=backend, base_quantization=base_quantization, dropout=dropout,
+                        exclude_modules=exclude_modules, modules_to_save=modules_to_save)
         defaults = {k: p.default for k, p in inspect.signature(add_loldu).parameters.items() if k in keywords}
         given = [k for k, v in keywords.items() if not (v is defaults[k] or v == defaults[k])]
         if given:
@@ -104,12 +107,14 @@ def add_loldu(
                                  f"loldu_config names {cls}")
         reference = loldu_config
         # (rank and the other settings come from the factories; these two apply on this route too)
-        config = LoLDUConfig.from_dict(dict(backend=backend, base_quantization=base_quantization), "add_loldu")
+        config = LoLDUConfig.from_dict(dict(backend=backend, base_quantization=base_quantization, dropout=dropout),
+                                       "add_loldu")
     else:
         config = LoLDUConfig.from_dict(dict(rank=rank, alpha=alpha, init=init, init_seed=init_seed,
                                             target_modules=target_modules, backend=backend,
-                                            base_quantization=base_quantization, exclude_modules=exclude_modules,
-                                            modules_to_save=modules_to_save), "add_loldu")
+                                            base_quantization=base_quantization, dropout=dropout,
+                                            exclude_modules=exclude_modules, modules_to_save=modules_to_save),
+                                       "add_loldu")
     returned, model = model, loldu_root(model)
     if base_type(model) is not None:
         raise ValueError(f"add_loldu: the model itself is a {type(model).__name__}; use "
@@ -120,6 +125,10 @@ def add_loldu(
         targets, existing = select_targets(model, config.target_modules, exclude=config.exclude_modules)
     if existing:
         warn_caller(f"add_loldu: {existing} already have LoLDU; left as they are (adapters never stack)")
+    no_dropout = [n for n in targets if not LOLDU_LAYERS[base_type(model.get_submodule(n))].input_dropout]
+    if config.dropout and no_dropout:
+        raise ValueError(f"add_loldu: dropout={config.dropout:g} drops input features, and {no_dropout} are "
+                         f"nn.Embedding layers (their input is indices): target them apart with dropout=0")
 
     built: Dict[str, Tuple[nn.Module, LoLDULayer]] = {}
     for name in targets:
@@ -129,12 +138,12 @@ def add_loldu(
             spec = _call_factory(_config_factory(reference, module), module, name)
             if not isinstance(spec, LoLDUParametrization):
                 raise TypeError(f"add_loldu: the factory for {name!r} must return a LoLDUParametrization")
-            layer = cls.from_parametrization(module, spec, config.backend, name, freeze=False)
+            layer = cls.from_parametrization(module, spec, config.backend, name, freeze=False, dropout=config.dropout)
         else:
             shape = (module.weight.shape[0], module.weight[0].numel())
             rank_here = clamp_rank(config.rank, shape, f"add_loldu: {name!r}")
             layer = cls.from_base(module, rank_here, config.alpha, config.init, config.init_seed, config.backend,
-                                  name, freeze=False)
+                                  name, freeze=False, dropout=config.dropout)
         if config.base_quantization is not None:
             if not isinstance(layer, LoLDULinear):
                 raise ValueError(f"add_loldu: base_quantization covers nn.Linear layers; {name!r} is a "

@@ -6,10 +6,11 @@ import contextlib
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from ..core.formulas import merged_weight
 from ..core.operands import check_operands, check_rows
-from ..core.settings import check_backend
+from ..core.settings import check_backend, check_dropout
 from ..factors.quant import dense_weight
 from .function import LoLDULinearFunction, forward_2d, kernels
 
@@ -49,6 +50,7 @@ def loldu_linear(
     rows: Optional[torch.Tensor] = None,
     weight_scale: Optional[torch.Tensor] = None,
     name: str = "loldu_linear",
+    dropout: float = 0.0,
 ) -> torch.Tensor:
     """``x (W + L diag(e) U)^T + b`` without building the out x in delta.
 
@@ -59,17 +61,22 @@ def loldu_linear(
     weight_scale: weight is quantized (int8 or float8_e4m3fn values of W / weight_scale[:, None], see
         loldu_triton.quant); the compute dtype is then L's.
     name: how errors refer to the caller (a layer's name).
+    dropout: the probability of dropping an input of the rank-r path (PEFT's lora_dropout): that path reads
+        F.dropout(x, dropout), the base GEMM x itself. Applied whenever > 0 (a layer passes 0 in eval mode);
+        0 runs exactly as without it.
     Under torch.autocast the operands are cast to the autocast dtype, as F.linear's are; e stays float32.
     """
     if (rows is None) != (e.dim() == 1):
         raise ValueError(f"{name}: pass e of shape (r,), or an (adapters, r) table together with rows")
     if rows is not None and x.dim() > 0:
         check_rows(rows, e, x.shape[:-1].numel(), x.device, name)
-    return loldu_linear_rows_checked(x, weight, bias, L, U, e, backend, rows, weight_scale, name)
+    dropout = check_dropout(dropout, name)
+    return loldu_linear_rows_checked(x, weight, bias, L, U, e, backend, rows, weight_scale, name, dropout)
 
 
-def loldu_linear_rows_checked(x, weight, bias, L, U, e, backend, rows, weight_scale, name):
-    """loldu_linear with rows known to be valid (a layer builds them): skips check_rows' host sync."""
+def loldu_linear_rows_checked(x, weight, bias, L, U, e, backend, rows, weight_scale, name, dropout=0.0):
+    """loldu_linear with rows known to be valid (a layer builds them) and dropout checked: skips check_rows'
+    host sync."""
     device_type = x.device.type
     autocast_off = contextlib.nullcontext()
     dtype = _autocast_dtype(device_type)
@@ -85,9 +92,12 @@ def loldu_linear_rows_checked(x, weight, bias, L, U, e, backend, rows, weight_sc
     operands = (x.reshape(-1, x.shape[-1]), weight, bias, L, U, e, rows, weight_scale, resolve_backend(backend, x.device))
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, L, U, e))
+    # dropout(x) for the rank-r path only (autograd keeps its mask for backward); none at 0: today's call
+    side = (F.dropout(operands[0], dropout),) if dropout else ()
     with autocast_off:
         # Without autograd (inference, decode) the custom Function's own overhead is skipped.
-        y2 = LoLDULinearFunction.apply(*operands)[0] if needs_grad else forward_2d(*operands)[0]
+        y2 = (LoLDULinearFunction.apply(*operands, *side)[0] if needs_grad
+              else forward_2d(*operands, x_side=side[0] if side else None)[0])
     return y2 if x.dim() == 2 else y2.reshape(*x.shape[:-1], y2.shape[-1])
 
 

@@ -73,6 +73,9 @@ def _operands(M, K, N, r, dtype, factor_dtype, quant):
 
 LAYER_ROUTES = ("side", "side-nobias", "side-bwd", "merged", "merged-bwd")  # what LoLDULinear calls
 ROWS_ROUTES = ("rows", "rows-bwd")  # many adapters in one batch
+# Dropout on the adapter's input (training only): the shrink reads dropout(x); backward's GEMM is dY W alone
+# ("base"), which with a quantized base is a variant of its own.
+DROPOUT_ROUTES = ("dropout", "dropout-bwd", "dropout-rows-bwd")
 SCOPES = ("full", "quick", "gpu-check")
 # (activation dtype, factor dtype) of the quick scope: bf16 with fp32 factors (B converted in registers),
 # float16 with its own factors (t = x U^T is float32 there), fp32
@@ -95,6 +98,9 @@ def _calls(o):
         "merged-bwd": lambda: ops.backward_into(dy, t, W, L, U, e, "merged", dx, sc),
         "rows": lambda: ops.forward_rows_impl(x, W, b, L, U, o["table"], o["rows"], sc),
         "rows-bwd": lambda: ops.backward_rows_impl(dy, t, W, L, U, o["table"], o["rows"], sc),
+        "dropout": lambda: ops.forward_into(x, W, b, L, U, e, "side", y, sc, torch.empty_like(x)),
+        "dropout-bwd": lambda: ops.backward_base_impl(dy, t, W, L, U, e, None, sc),
+        "dropout-rows-bwd": lambda: ops.backward_base_impl(dy, t, W, L, U, o["table"], o["rows"], sc),
     }
 
 
@@ -111,8 +117,8 @@ def _scenarios(arch, scope):
         for (dname, fname), shape in itertools.product(QUICK_OPERANDS, ("prefill", "decode")):
             for r in SHAPES[shape][3]:
                 per_row = ("rows",) if dname != "float32" else ()
-                yield dname, fname, None, shape, r, "highest", ("side", "side-bwd", "merged") + per_row
-            yield "bfloat16", "bfloat16", "int8", shape, 16, "highest", ("side", "side-bwd")  # a quantized base
+                yield dname, fname, None, shape, r, "highest", ("side", "side-bwd", "merged") + per_row + DROPOUT_ROUTES
+            yield "bfloat16", "bfloat16", "int8", shape, 16, "highest", ("side", "side-bwd") + DROPOUT_ROUTES
         yield "bfloat16", "bfloat16", None, "prefill", 4096, "highest", ("merged",)  # the merge in bf16
         return
     quants = [q for q in QUANT if not (q == "fp8" and arch < 89)]  # fp8 e4m3 needs compute capability 8.9+
@@ -124,7 +130,7 @@ def _scenarios(arch, scope):
                     for quant in quants:
                         yield dname, dname, quant, shape, r, "highest", LAYER_ROUTES
                 continue
-            everything = LAYER_ROUTES + ROWS_ROUTES
+            everything = LAYER_ROUTES + ROWS_ROUTES + DROPOUT_ROUTES
             for fname in sorted({dname, "float32"}):
                 yield dname, fname, None, shape, r, "highest", everything
             for quant in quants:
