@@ -42,7 +42,7 @@ class Tokens(torch.utils.data.Dataset):
 def train(model, out, classify=False, steps=4, resume=None, **kwargs):
     args = tf.TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4,
                                 learning_rate=5e-2, lr_scheduler_type="constant", use_cpu=True, report_to="none",
-                                seed=0, disable_tqdm=True, dataloader_num_workers=0, **kwargs)
+                                seed=0, disable_tqdm=True, dataloader_num_workers=0, logging_steps=1, **kwargs)
     trainer = tf.Trainer(model=model, args=args, train_dataset=Tokens(classify))
     trainer.train(resume_from_checkpoint=resume)
     return trainer
@@ -55,12 +55,13 @@ def logits(model, ids):
 
 def test_a_peft_script_for_a_tiny_llama_runs_with_two_lines_changed(tmp_path, capsys):
     # (the PEFT script: LoraConfig -> LoLDUConfig with PEFT's field names, get_peft_model -> get_loldu_model)
-    config = LoLDUConfig(r=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+    config = LoLDUConfig(r=4, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
                          bias="none")
     model = get_loldu_model(tiny_llama(), config)
     model.print_trainable_parameters()
     assert "trainable params: 20 ||" in capsys.readouterr().out  # 4 layers x (4 + 1)
     assert model.get_nb_trainable_parameters()[0] == 20 and model.peft_config == {"default": config}
+    assert [layer.dropout for _, layer in loldu_layers(model)] == [0.05] * 4  # lora_dropout reached the layers
     trainer = train(model, tmp_path / "run")
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses[-1] < losses[0], losses
