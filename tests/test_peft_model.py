@@ -140,7 +140,7 @@ def test_trainer_save_model_and_checkpoints_keep_the_adapter_and_resume(tmp_path
     other = get_loldu_model(tiny_bert(), LoLDUConfig(r=2, target_modules=["query"]))
     from safetensors.torch import load_file
 
-    with pytest.raises(ValueError, match="the state dict is of adapters"):
+    with pytest.raises(ValueError, match=r"the state dict has LoLDU layers \[.*value.*\], this model \['bert"):
         other.load_state_dict(load_file(str(tmp_path / "final" / "model.safetensors")), strict=False)
 
 
@@ -352,7 +352,7 @@ def test_the_wrappers_state_dict_is_the_adapter_so_tied_models_checkpoint_under_
     assert torch.equal(logits(LoLDUModel.from_pretrained(tied(), tmp_path / "final"), ids), logits(model, ids))
     # on another base the pivots differ: refused by name, not loaded as noise
     other = tied(seed=3)
-    with pytest.raises(ValueError, match=r"layers \[.*q_proj.*\] have a different base weight"):
+    with pytest.raises(ValueError, match=r"layer 'model.layers.0.self_attn.q_proj' has a different base weight"):
         LoLDUModel.from_pretrained(other, tmp_path / "final")
     assert not loldu_layers(other) and "save_pretrained" not in vars(other)  # left as it was
     assert torch.equal(logits(other, ids), logits(tied(seed=3), ids))
@@ -398,3 +398,73 @@ def test_activation_checkpointing_through_the_wrapper_gives_the_same_gradients()
     assert plain.keys() == checkpointed.keys() and len(plain) == 8
     for name in plain:  # the same float32 ops, recomputed: the same bits
         assert torch.equal(plain[name], checkpointed[name]), name
+
+
+def test_review_cases_heads_targets_and_state_dicts(tmp_path):
+    # SEQ_CLS with "all-linear": the head trains in full, as PEFT's, not refused and not adapted
+    model = get_loldu_model(tiny_bert(), LoLDUConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS"))
+    assert isinstance(model.get_base_model().classifier, SavedModule)
+    assert not any("classifier" in n for n, _ in loldu_layers(model))
+    # a second add_loldu never reaches inside a head, and the adapter still saves
+    from loldu_triton import add_loldu
+
+    with pytest.warns(UserWarning, match="already have LoLDU; left as they are"):
+        add_loldu(model, rank=2)  # every other nn.Linear already has LoLDU; the head's are left alone
+    assert not any("classifier" in n for n, _ in loldu_layers(model))
+    with pytest.raises(ValueError, match=r"'classifier' matches no .* outside modules_to_save \['classifier'\]"):
+        add_loldu(model, rank=2, target_modules=["classifier"])
+    model.save_pretrained(tmp_path / "a")
+
+    # loading a named adapter with a head next to a trainable adapter without one: only the named one gets a copy
+    plain = get_loldu_model(tiny_bert(), LoLDUConfig(r=4, target_modules=["query", "value"]))
+    trainable = plain.get_nb_trainable_parameters()[0]
+    ids = Tokens().ids[:2]
+    before = logits(plain, ids)
+    plain.load_adapter(tmp_path / "a", adapter_name="other")
+    head = plain.get_base_model().classifier
+    assert set(head.modules_to_save) == {"other"} and plain.get_nb_trainable_parameters()[0] == trainable
+    assert torch.equal(logits(plain, ids), before)
+
+    # get_loldu_model on a model that has LoLDU already is refused (its config would not describe the layers)
+    with pytest.raises(ValueError, match="already has LoLDU layers"):
+        get_loldu_model(plain.get_base_model(), LoLDUConfig(r=8))
+
+    # layers of two ranks (two add_loldu calls) rebuild from a Trainer-style state dict
+    from safetensors.torch import save_file
+
+    mixed = get_loldu_model(tiny_llama(), LoLDUConfig(r=4, target_modules=["q_proj"]))
+    add_loldu(mixed, rank=2, target_modules=["v_proj"])
+    with torch.no_grad():
+        for _, layer in loldu_layers(mixed):
+            layer.d.mul_(1.4)
+    (tmp_path / "t").mkdir()
+    save_file(mixed.state_dict(), str(tmp_path / "t" / "model.safetensors"))
+    back = LoLDUModel.from_pretrained(tiny_llama(), tmp_path / "t")
+    assert sorted(layer.rank for _, layer in loldu_layers(back)) == [2, 2, 4, 4]
+    assert torch.equal(logits(back, ids), logits(mixed, ids))
+
+    # unknown selected_adapters: refused before anything is written
+    with pytest.raises(ValueError, match=r"no adapters \['typo'\]"):
+        mixed.save_pretrained(tmp_path / "s", selected_adapters=["typo"])
+    assert not (tmp_path / "s").exists()
+
+    # merged for good through the functions: the wrapped model's own save_pretrained saves it as a plain model
+    merge_loldu(mixed)
+    mixed.get_base_model().save_pretrained(tmp_path / "plain")
+    reread = tf.LlamaForCausalLM.from_pretrained(tmp_path / "plain")
+    assert torch.equal(logits(reread, ids), logits(mixed, ids))
+
+
+def test_a_merged_save_of_a_tied_weight_that_computes_with_w0_elsewhere_is_refused(tmp_path):
+    # T5's encoder and decoder embeddings and lm_head share the `shared` weight: adapted, only `shared` computes
+    # with W0 + delta, which a merged checkpoint (tied again on load) cannot say
+    config = tf.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+                         num_heads=4, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = get_loldu_model(tf.T5ForConditionalGeneration(config), LoLDUConfig(r=4, target_modules=["shared", "q"]))
+    with pytest.raises(ValueError, match=r"'encoder.embed_tokens.weight' shares its tensor with the adapted layer "
+                                         r"'shared' \(tied weights\) but computes with W0"):
+        model.save_pretrained(tmp_path / "merged", merged=True)
+    assert not (tmp_path / "merged").exists()
+    model.save_pretrained(tmp_path / "adapter")  # the adapter saves
+    assert (tmp_path / "adapter" / ADAPTER_NAME).is_file()

@@ -73,8 +73,13 @@ def test_config_checks_every_field_when_built_and_when_set():
         with pytest.raises(ValueError, match=rf"LoLDUConfig: {field}"):
             setattr(config, field, kwargs[field])
     assert config == LoLDUConfig(rank=16, target_modules=["q_proj", "v_proj"])  # no refused value stuck
-    with pytest.raises(AttributeError, match="no field 'r'"):
-        config.r = 4
+    with pytest.raises(AttributeError, match="no field 'rnak'"):
+        config.rnak = 4
+    config.r = 4  # PEFT's name for rank, checked as rank
+    assert config.rank == 4 == config.r
+    with pytest.raises(ValueError, match="LoLDUConfig: rank must be"):
+        config.r = 0
+    assert config.rank == 4
 
 
 def test_config_dict_round_trip_and_hostile_dicts_name_the_source_and_field():

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 from .fileformat import read_common_settings
-from .settings import FIELD_CHECKS, check_fields, exact_names, translate_peft_names
+from .settings import FIELD_CHECKS, PEFT_ALIASES, check_fields, exact_names, translate_peft_names
 
 
 @dataclass
@@ -51,10 +51,15 @@ class LoLDUConfig:
     inference_mode: bool = False
 
     def __setattr__(self, name, value):
+        name = PEFT_ALIASES.get(name, name)
         check = FIELD_CHECKS.get(name)
         if check is None:
             raise AttributeError(f"LoLDUConfig has no field {name!r}; fields: {sorted(FIELD_CHECKS)}")
         object.__setattr__(self, name, check(value, "LoLDUConfig"))
+
+    # PEFT's names read (and set, see __setattr__) the same fields, as a PEFT script does.
+    r = property(lambda self: self.rank, doc="PEFT's name for rank.")
+    lora_dropout = property(lambda self: self.dropout, doc="PEFT's name for dropout.")
 
     def to_dict(self) -> dict:
         """The fields as plain JSON values (new lists for the name lists)."""

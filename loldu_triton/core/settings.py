@@ -124,25 +124,27 @@ def is_finite_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
-def check_target_modules(targets, where: str):
+def check_target_modules(targets, where: str, field: str = "target_modules"):
     """None (every nn.Linear), "all-linear", a regex (full match) or a non-empty list of layer names (suffix
-    match); a list comes back as a tuple, so that a checked value cannot be changed afterwards."""
+    match); a list comes back as a tuple, so that a checked value cannot be changed afterwards. ``field``: the
+    name errors give (exclude_modules reads the same way, without "all-linear")."""
     if targets is None:
         return None
     if isinstance(targets, str):
         if not targets:
-            raise ValueError(f"{where}: target_modules must not be an empty string")
+            raise ValueError(f"{where}: {field} must not be an empty string")
         try:
             re.compile(targets)
         except re.error as err:
-            raise ValueError(f"{where}: target_modules {targets!r} is not a valid regex ({err})") from None
+            raise ValueError(f"{where}: {field} {targets!r} is not a valid regex ({err})") from None
         return targets
     if isinstance(targets, (list, tuple, set, frozenset)):
         names = sorted(targets) if isinstance(targets, (set, frozenset)) else list(targets)
         if names and all(isinstance(n, str) and n for n in names):
             return tuple(names)
-    raise ValueError(f"{where}: target_modules must be None, 'all-linear', a regex or a non-empty list of layer "
-                     f"names, got {targets!r}")
+    kinds = "'all-linear', " if field == "target_modules" else ""
+    raise ValueError(f"{where}: {field} must be None, {kinds}a regex or a non-empty list of layer names, "
+                     f"got {targets!r}")
 
 
 def exact_names(names) -> str:
@@ -174,7 +176,7 @@ def check_exclude_modules(names, where: str):
     """None, a regex (full match) or a non-empty list of layer names (suffix match), as target_modules."""
     if names == "all-linear":
         raise ValueError(f"{where}: exclude_modules cannot be 'all-linear'")
-    return check_target_modules(names, where.replace("target_modules", "exclude_modules"))
+    return check_target_modules(names, where, "exclude_modules")
 
 
 def check_modules_to_save(names, where: str):

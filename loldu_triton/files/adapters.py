@@ -216,12 +216,12 @@ def load_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None) 
             target.freeze_base()
             replace_module(model, module, target)
     active = next((layer.active_adapter for _, layer in loldu_layers(model)), "default")
+    name = active if adapter_name is None else adapter_name
     for module, state in heads:
         if not isinstance(module, SavedModule):
-            wrapper = SavedModule(module, active)
+            wrapper = SavedModule(module, active, with_copy=name == active)
             replace_module(model, module, wrapper)
             module = wrapper
-        name = active if adapter_name is None else adapter_name
         copy = module.modules_to_save[name] if name in module.modules_to_save else module.add_copy(name)
         copy.load_state_dict(state)
     return returned

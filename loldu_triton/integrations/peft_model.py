@@ -19,15 +19,14 @@ import torch.nn as nn
 
 from ..core.config import LoLDUConfig
 from ..core.fileformat import ADAPTER_NAME
-from ..core.settings import check_adapter_name, check_fields
+from ..core.settings import check_adapter_name, exact_names
 from ..files.adapters import load_loldu, save_loldu
 from ..model.adapt import add_loldu, mark_only_loldu_as_trainable, print_trainable_parameters
 from ..model.heads import saved_modules
 from ..model.manage import (delete_adapter, disable_loldu, get_active_adapter, merge_loldu, remove_loldu,
                             set_adapter, unmerge_loldu)
-from ..model.targeting import loldu_layers
-
-STATE_FORMAT = "loldu-triton-model"
+from ..model.targeting import list_adapters, loldu_layers
+from .peft_state import STATE_FORMAT, keep_adapter_only, layer_settings, merged_state_dict, read_extra_state
 TRAINER_WEIGHTS = "model.safetensors"  # what transformers.Trainer writes for a model that is not its own kind
 _CLASSES: Dict[type, type] = {}
 
@@ -154,7 +153,13 @@ class LoLDUModel(nn.Module):
         is its name (frozen unless ``is_trainable``), else as a named, frozen adapter."""
         check_adapter_name(adapter_name, "load_adapter")
         trainable = adapter_name == self.active_adapter
+        before = {name for name, _ in loldu_layers(self)}
         load_loldu(self.base_model, model_id, adapter_name=None if trainable else adapter_name)
+        if not trainable:  # layers it added start the trainable adapter at init: that adapter trains what it did
+            for name, layer in loldu_layers(self):
+                if name not in before:
+                    layer.d.requires_grad_(False)
+                    layer.s.requires_grad_(False)
         config = adapter_config(model_id)
         if config is not None:
             self.peft_config[adapter_name] = config
@@ -171,22 +176,28 @@ class LoLDUModel(nn.Module):
         ``from_pretrained`` of the model class reads). A ``state_dict`` (a Trainer passes one) is not used: the
         adapter is read from the model; the file is safetensors either way. Other arguments of transformers'
         save_pretrained (push_to_hub, ...) are refused rather than dropped."""
+        save = getattr(type(self.base_model), "save_pretrained", None)
+        if not loldu_layers(self) and save is not None:  # merged for good or removed: a plain model now
+            return save(self.base_model, save_directory, is_main_process=is_main_process, state_dict=state_dict,
+                        **others)
         if others:
             raise TypeError(f"save_pretrained: {sorted(others)} are not supported by LoLDUModel.save_pretrained")
         if not is_main_process:
             return
         directory = Path(save_directory)
         if merged:
-            save = getattr(type(self.base_model), "save_pretrained", None)
             if save is None:
                 raise ValueError(f"save_pretrained(merged=True): the wrapped {type(self.base_model).__name__} has no "
                                  f"save_pretrained; use merge_and_unload() and torch.save")
             save(self.base_model, directory, state_dict=merged_state_dict(self.base_model))
             return
+        named = [n for n in selected_adapters or () if n != self.active_adapter]
+        unknown = sorted(set(named) - set(list_adapters(self)))
+        if unknown:  # before anything is written
+            raise ValueError(f"save_pretrained: no adapters {unknown}; the model has {list_adapters(self)}")
         save_loldu(self.base_model, directory, overwrite=overwrite)
-        for name in selected_adapters or ():
-            if name != self.active_adapter:
-                save_loldu(self.base_model, directory / name, adapter_name=name, overwrite=overwrite)
+        for name in named:
+            save_loldu(self.base_model, directory / name, adapter_name=name, overwrite=overwrite)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default",
@@ -236,46 +247,31 @@ class LoLDUModel(nn.Module):
         return type(result)(missing, result.unexpected_keys)
 
     def get_extra_state(self) -> torch.Tensor:
-        """The adapters' settings and each layer's pivot rows (the base's fingerprint), as bytes: a Trainer's
-        safetensors file holds only tensors."""
+        """The settings and pivot rows (the base's fingerprint) of each layer, as bytes: a Trainer's safetensors
+        file holds only tensors, and this is what rebuilds the layers (LoLDUModel.from_pretrained)."""
         text = json.dumps({"format": STATE_FORMAT, "active_adapter": self.active_adapter,
                            "peft_config": {k: v.to_dict() for k, v in self.peft_config.items()},
-                           "pivots": {name: layer.pivots.tolist() for name, layer in loldu_layers(self)}})
+                           "layers": {name: {"settings": layer_settings(layer), "pivots": layer.pivots.tolist()}
+                                      for name, layer in loldu_layers(self)},
+                           "modules_to_save": [name for name, _ in saved_modules(self)]})
         return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state) -> None:
-        """Loading a state dict: its adapters' settings must be this model's, on the same base weights (a
-        checkpoint of another config or base would load its values into layers of other meaning)."""
+        """Loading a state dict: each layer's settings and base (pivot rows) must be this model's, or the values
+        would load into layers of other meaning."""
         saved = read_extra_state(state, "LoLDUModel.load_state_dict")
-        mine = {k: v.to_dict() for k, v in self.peft_config.items()}
-        if saved["peft_config"] != mine:
-            raise ValueError(f"LoLDUModel.load_state_dict: the state dict is of adapters {saved['peft_config']}, "
-                             f"this model has {mine}")
-        pivots = {name: layer.pivots.tolist() for name, layer in loldu_layers(self)}
-        other = sorted(n for n in pivots if saved.get("pivots", {}).get(n, pivots[n]) != pivots[n])
-        if other:
-            raise ValueError(f"LoLDUModel.load_state_dict: layers {other} have a different base weight than the "
-                             f"state dict was trained on (their LU pivots differ)")
-
-
-def keep_adapter_only(module: LoLDUModel, state_dict, prefix: str, local_metadata) -> None:
-    """state_dict() of a LoLDUModel: what trains and the settings. The frozen base is the base model's (and its
-    tied weights would stop a Trainer's safetensors save)."""
-    keep = {prefix + k for k in module.adapter_state_keys()}
-    for key in [k for k in state_dict if k.startswith(prefix) and k not in keep]:
-        del state_dict[key]
-
-
-def read_extra_state(state, where: str) -> dict:
-    try:
-        data = json.loads(bytes(state.to("cpu", torch.uint8).tolist()).decode())
-    except (AttributeError, TypeError, ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{where}: the LoLDU state is not readable ({err})") from None
-    if not isinstance(data, dict) or data.get("format") != STATE_FORMAT or not isinstance(data.get("peft_config"), dict):
-        raise ValueError(f"{where}: not a LoLDUModel state")
-    for name, fields in data["peft_config"].items():
-        check_fields(fields, f"{where}: adapter {name!r}")
-    return data
+        mine = {name: layer for name, layer in loldu_layers(self)}
+        if set(saved["layers"]) != set(mine):
+            raise ValueError(f"LoLDUModel.load_state_dict: the state dict has LoLDU layers {sorted(saved['layers'])}, "
+                             f"this model {sorted(mine)}")
+        for name, layer in mine.items():
+            theirs = saved["layers"][name]
+            if theirs["settings"] != layer_settings(layer):
+                raise ValueError(f"LoLDUModel.load_state_dict: layer {name!r} has settings {layer_settings(layer)}, "
+                                 f"the state dict {theirs['settings']}")
+            if theirs["pivots"] != layer.pivots.tolist():
+                raise ValueError(f"LoLDUModel.load_state_dict: layer {name!r} has a different base weight than the "
+                                 f"state dict was trained on (its LU pivots differ)")
 
 
 def from_trainer_weights(model: nn.Module, path: Path) -> LoLDUModel:
@@ -288,14 +284,21 @@ def from_trainer_weights(model: nn.Module, path: Path) -> LoLDUModel:
                          f"Trainer's state dict of a LoLDUModel)")
     settings = read_extra_state(state["_extra_state"], f"LoLDUModel.from_pretrained: {path}")
     configs = {k: LoLDUConfig.from_dict(v) for k, v in settings["peft_config"].items()}
-    active = settings["active_adapter"]
-    wrapped = LoLDUModel(add_loldu(model, configs[active]), configs[active], active)
-    wrapped.peft_config = configs
-    try:
+    groups: Dict[str, list] = {}  # layers of the same settings, added in one call each
+    for name, layer in settings["layers"].items():
+        groups.setdefault(json.dumps(layer["settings"], sort_keys=True), []).append(name)
+    heads = settings["modules_to_save"] or None
+    with contextlib.ExitStack() as undo:
+        undo.callback(model.__dict__.pop, "save_pretrained", None)  # a refusal leaves the model as it was given
+        undo.callback(remove_loldu, model)
+        for key, names in groups.items():
+            add_loldu(model, LoLDUConfig(**json.loads(key), target_modules=exact_names(names),
+                                         modules_to_save=heads))
+            heads = None
+        wrapped = LoLDUModel(model, None, settings["active_adapter"])
+        wrapped.peft_config = configs
         wrapped.load_state_dict(state, strict=True)  # (the base's weights stay the given model's)
-    except Exception:
-        wrapped.unload()  # the model as it was given
-        raise
+        undo.pop_all()
     return wrapped
 
 
@@ -305,21 +308,6 @@ def adapter_config(directory) -> Optional[LoLDUConfig]:
         return LoLDUConfig.from_pretrained(directory)
     except ValueError:
         return None
-
-
-def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The state dict of the plain model that merge_and_unload would give, without changing ``model``: W0 + delta
-    in each LoLDU layer, the trainable copy of each module in modules_to_save, and no LoLDU keys."""
-    replaced = {name: layer.to_base(merge=True) for name, layer in loldu_layers(model)}
-    replaced.update({name: module.running_module() for name, module in saved_modules(model)})
-    state = {}
-    for key, value in model.state_dict().items():
-        owner = next((n for n in replaced if key.startswith(n + ".")), None)
-        if owner is None:
-            state[key] = value
-    for name, module in replaced.items():
-        state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
-    return state
 
 
 def get_loldu_model(model: nn.Module, config: Union[LoLDUConfig, dict]) -> LoLDUModel:
@@ -333,7 +321,12 @@ def get_loldu_model(model: nn.Module, config: Union[LoLDUConfig, dict]) -> LoLDU
         raise TypeError(f"get_loldu_model: config must be a LoLDUConfig or a dict, got {type(config).__name__}")
     if isinstance(model, LoLDUModel):
         raise ValueError("get_loldu_model: the model is already a LoLDUModel; add another adapter with "
-                         "load_adapter, or call get_loldu_model on model.get_base_model()")
+                         "load_adapter")
+    present = [name for name, _ in loldu_layers(model)]
+    if present:
+        raise ValueError(f"get_loldu_model: the model already has LoLDU layers {present}, whose settings the config "
+                         f"would not describe; remove_loldu(model) first, or wrap it as it is with "
+                         f"LoLDUModel(model, None)")
     add_loldu(model, config)
     mark_only_loldu_as_trainable(model)
     if config.inference_mode:

@@ -17,7 +17,7 @@ class SavedModule(nn.Module):
     """Runs ``modules_to_save[active_adapter]``, or ``original_module`` when disabled or when that adapter has no
     copy. Attributes it does not have (``out_features``, ``weight``, ...) are the running module's."""
 
-    def __init__(self, original_module: nn.Module, adapter_name: str = "default"):
+    def __init__(self, original_module: nn.Module, adapter_name: str = "default", with_copy: bool = True):
         super().__init__()
         if isinstance(original_module, SavedModule):
             raise ValueError("SavedModule: the module is already saved with the adapter")
@@ -25,7 +25,8 @@ class SavedModule(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter = check_adapter_name(adapter_name, "SavedModule")
         self.loldu_enabled = True
-        self.add_copy(adapter_name)
+        if with_copy:  # (False: a named adapter's head loaded next to a trainable adapter that has none)
+            self.add_copy(adapter_name)
 
     def add_copy(self, adapter_name: str, source: Optional[nn.Module] = None) -> nn.Module:
         """A new copy for ``adapter_name`` (of ``source``, else of the original module); trainable when it is

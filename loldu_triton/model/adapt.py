@@ -119,10 +119,20 @@ def add_loldu(
     if base_type(model) is not None:
         raise ValueError(f"add_loldu: the model itself is a {type(model).__name__}; use "
                          f"LoLDULinear.from_base(layer, rank) (or LoLDUConv2d / LoLDUEmbedding)")
+    heads = saved_names(model, config.modules_to_save, config.task_type, "add_loldu")
     if reference is not None:
         targets, existing = select_targets(model, None, lambda m: _config_factory(reference, m) is not None)
     else:
         targets, existing = select_targets(model, config.target_modules, exclude=config.exclude_modules)
+    overlap = [n for n in heads if any(n == t or t.startswith(n + ".") or n.startswith(t + ".") for t in targets)]
+    if overlap and config.target_modules in (None, "all-linear"):  # as PEFT: modules_to_save win
+        targets = [t for t in targets if not any(t == n or t.startswith(n + ".") or n.startswith(t + ".")
+                                                 for n in overlap)]
+    elif overlap:
+        raise ValueError(f"add_loldu: {overlap} are both targeted by LoLDU and in modules_to_save; a module "
+                         f"either trains in full or gets LoLDU (add it to exclude_modules)")
+    if not targets and not existing:
+        raise ValueError(f"add_loldu: the model has no layer to adapt outside modules_to_save {heads}")
     if existing:
         warn_caller(f"add_loldu: {existing} already have LoLDU; left as they are (adapters never stack)")
     no_dropout = [n for n in targets if not LOLDU_LAYERS[base_type(model.get_submodule(n))].input_dropout]
@@ -150,11 +160,6 @@ def add_loldu(
                                  f"{layer.base_class.__name__}")
             layer.quantize_base(config.base_quantization)
         built[name] = (module, layer)
-    heads = saved_names(model, config.modules_to_save, config.task_type, "add_loldu")
-    overlap = [n for n in heads if any(n == t or n.startswith(t + ".") or t.startswith(n + ".") for t in targets)]
-    if overlap:
-        raise ValueError(f"add_loldu: {overlap} are both targeted by LoLDU and in modules_to_save; a module "
-                         f"either trains in full or gets LoLDU (add it to exclude_modules)")
     adapter = next((layer.active_adapter for _, layer in loldu_layers(model)), "default")
     saved = wrap_saved(model, heads, adapter)
     for module, layer in built.values():

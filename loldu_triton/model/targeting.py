@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 from ..core.settings import check_adapter_name, warn_caller
 from ..layers.base import LoLDULayer
 from ..layers.registry import base_type
+from ..layers.saved import SavedModule
 
 
 def loldu_root(model: nn.Module) -> nn.Module:
@@ -105,6 +106,9 @@ def select_targets(model, target_modules,
     # Every name, aliases included (a module registered twice answers to both); duplicates dropped at the end.
     modules = dict(model.named_modules(remove_duplicate=False))
     parents = {f"{p}.{c}" if p else c: m for p, m in modules.items() for c, _ in m.named_children()}
+    # A module of modules_to_save trains in full (its original and its copies): never a target.
+    heads = [n for n, m in modules.items() if isinstance(m, SavedModule)]
+    modules = {n: m for n, m in modules.items() if not any(n == h or n.startswith(h + ".") for h in heads)}
 
     def reason(name):
         return offloaded_reason(name, modules) or why_not_adaptable(name, modules[name], parents.get(name))
@@ -134,8 +138,10 @@ def select_targets(model, target_modules,
             for target in target_modules:
                 hits = [n for n in layers if n == target or n.endswith("." + target)]
                 if not hits:
+                    inside = [h for h in heads if h == target or h.endswith("." + target)]
                     raise ValueError(f"add_loldu: target_modules entry {target!r} matches no nn.Linear, "
-                                     f"nn.Conv2d or nn.Embedding layer")
+                                     f"nn.Conv2d or nn.Embedding layer"
+                                     + (f" outside modules_to_save {inside} (they train in full)" if inside else ""))
                 chosen += [n for n in hits if n not in chosen]
         for n in chosen:
             if reason(n):
