@@ -16,6 +16,7 @@ from .layers.base import LoLDULayer
 from .layers.conv_embedding import LoLDUConv2d, LoLDUEmbedding
 from .layers.linear import LoLDULinear
 from .layers.parametrization import LoLDUParametrization
+from .layers.quantized import LoLDUQuantizedLinear
 from .model.adapt import (add_loldu, get_loldu_model, get_loldu_params, get_loldu_state_dict,
                           mark_only_loldu_as_trainable, print_trainable_parameters)
 from .model.manage import (adapter_batch, delete_adapter, disable_loldu, enable_loldu, get_active_adapter,
@@ -57,6 +58,7 @@ __all__ = [
     "LoLDULinear",
     "LoLDUConv2d",
     "LoLDUEmbedding",
+    "LoLDUQuantizedLinear",
     "loldu_linear",
     "loldu_merged_weight",
     "ldu_factors",

@@ -34,6 +34,12 @@ def merged_weight(weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor, e: tor
     return torch.addmm(weight.to(acc), L.to(acc) * e.to(acc), U.to(acc)).to(weight.dtype)
 
 
+def side_term(a: torch.Tensor, e: torch.Tensor, L: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(a * e) L^T in ``dtype``, out of place: the rank-r term to add to an output computed elsewhere (a
+    quantized base's own forward), with autograd. a: (M, r), e: (r,) or one row per row of a."""
+    return (a * e).to(dtype) @ L.to(dtype).T
+
+
 def add_side_term(out: torch.Tensor, a: torch.Tensor, e: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """out += (a * e) b_t in place, in out's dtype: y += (t * e) L^T forward (b_t = L^T), dX += (v * e) U
     backward (b_t = U). a: (M, r), e: (r,) or one row per row of a."""
