@@ -170,3 +170,14 @@ def test_factors_on_the_gpu_match_the_cpu_path_up_to_float64_rounding(shape, r):
     bad = [line for name in ("L", "D", "U")
            for line in outside(getattr(gpu, name).cpu(), getattr(cpu, name), 2 * bound[name], name)]
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_entry_anywhere_in_a_large_weight_is_refused(dtype, bad):
+    W = torch.randn(67, 1031).to(dtype)
+    for index in [(0, 0), (66, 1030), (33, 517), (5, 1029)]:  # corners, middle, a vector tail
+        V = W.clone()
+        V[index] = bad
+        with pytest.raises(ValueError, match=r"w\.x: weight of shape \(67, 1031\) contains NaN or Inf"):
+            ldu_factors(V, 3, name="w.x")

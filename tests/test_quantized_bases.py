@@ -219,6 +219,30 @@ def test_same_quantized_base_loads_without_warning_and_named_adapters_batch_per_
         assert_close(row, want[i].double(), scale.double(), 64, torch.float32, f"row {i}")
 
 
+def test_adapter_of_a_4bit_base_loads_into_a_full_model_that_already_has_loldu(tmp_path):
+    model = quantized_llama("bnb-fp4")
+    add_loldu(model, rank=6, target_modules=ATTN)
+    train(model)
+    save_loldu(model, tmp_path / "q")
+    full = tiny_llama()
+    add_loldu(full, rank=6, target_modules=ATTN)
+    own = {name: layer.pivots.clone() for name, layer in loldu_layers(full)}
+    with pytest.warns(UserWarning, match="not byte-identical"):
+        load_loldu(full, tmp_path / "q")
+    for (name, q), (_, f) in zip(loldu_layers(model), loldu_layers(full)):
+        assert torch.equal(f.pivots, q.pivots) and torch.equal(f.d, q.d) and torch.equal(f.s, q.s), name
+    assert any(not torch.equal(own[name], layer.pivots) for name, layer in loldu_layers(full))
+    # a named adapter would need the layer's own factors: refused, and nothing changed
+    other = tiny_llama()
+    add_loldu(other, rank=6, target_modules=ATTN)
+    before = {name: (layer.pivots.clone(), layer.d.clone()) for name, layer in loldu_layers(other)}
+    with pytest.raises(ValueError, match="its LU pivots differ"):
+        load_loldu(other, tmp_path / "q", adapter_name="tuned")
+    for name, layer in loldu_layers(other):
+        assert torch.equal(layer.pivots, before[name][0]) and torch.equal(layer.d, before[name][1])
+        assert layer.adapter_names == ()
+
+
 def test_export_lora_gives_the_same_delta_and_merge_gives_a_full_precision_linear(tmp_path):
     safetensors = pytest.importorskip("safetensors.torch")
     model = quantized_llama("bnb-nf4")
