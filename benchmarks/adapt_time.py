@@ -1,6 +1,9 @@
 """Time to add LoLDU to LLaMA-7B's layer shapes on this CPU, against the LAPACK floor of the same work.
 
-    PYTHONPATH=. python benchmarks/adapt_time.py [--rounds 3] [--ranks 1024 full] [--out FILE]
+    PYTHONPATH=. python benchmarks/adapt_time.py [--rounds 3] [--ranks 1024 full] [--out FILE] [--before FILE]
+
+``--before FILE``: also time add LoLDU with another version of ``loldu_triton/factors/factorize.py`` (say
+``git show 38c3fc3:loldu_triton/factors/factorize.py > /tmp/factorize_before.py``), in the same rounds.
 
 For each shape (out x in) of LLaMA-7B (4096x4096: q/k/v/o; 11008x4096: gate, up; 4096x11008: down), bf16
 weights, and each rank: the time of ``LoLDULinear.from_linear(layer, rank)`` (what add_loldu does per layer:
@@ -12,8 +15,11 @@ is 32 layers x (4 x 4096x4096 + 2 x 11008x4096 + 4096x11008).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import os
 import platform
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import loldu_triton.layers.state as state
 from loldu_triton import LoLDULinear
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -42,15 +49,39 @@ def adapt(linear: nn.Linear, rank: int) -> None:
     LoLDULinear.from_linear(linear, rank)
 
 
+def load_before(path: Path):
+    """ldu_factors of another factorize.py, loaded inside the package (its relative imports resolve)."""
+    spec = importlib.util.spec_from_file_location("loldu_triton.factors.factorize_before", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    return lambda weight, rank, name="weight", pivots=None: module.ldu_factors(weight, rank, name)
+
+
+@contextlib.contextmanager
+def factorizer(fn):
+    saved = state.ldu_factors
+    state.ldu_factors = fn
+    try:
+        yield
+    finally:
+        state.ldu_factors = saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ranks", nargs="+", default=["1024", "full"])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--before", type=Path, default=None)
     args = parser.parse_args()
+    before = load_before(args.before) if args.before else None
     lines = [f"# adapt time, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 weights, {args.rounds} rounds",
-             "", "| shape (out x in) | rank | add LoLDU (s) | LAPACK floor (s) | ratio |", "|---|---|---|---|---|"]
+             f"load average {os.getloadavg()[0]:.1f} at the start", "",
+             "| shape (out x in) | rank | add LoLDU (s) | LAPACK floor (s) | ratio |"
+             + (" before: add LoLDU (s) | before: ratio |" if before else ""),
+             "|---|---|---|---|---|" + ("---|---|" if before else "")]
     print("\n".join(lines), flush=True)
     totals = {}
     for out_f, in_f in SHAPES:
@@ -60,9 +91,15 @@ def main() -> None:
             linear.weight.copy_(torch.randn(out_f, in_f, generator=gen) * 0.02)
         for rank_arg in args.ranks:
             rank = min(out_f, in_f) if rank_arg == "full" else int(rank_arg)
-            times = {"adapt": [], "floor": []}
+            variants = {"adapt": lambda: adapt(linear, rank), "floor": lambda: floor(linear.weight, rank)}
+            if before:
+                def adapt_before():
+                    with factorizer(before):
+                        adapt(linear, rank)
+                variants["before"] = adapt_before
+            times = {name: [] for name in variants}
             for _ in range(args.rounds):
-                for name, fn in (("adapt", lambda: adapt(linear, rank)), ("floor", lambda: floor(linear.weight, rank))):
+                for name, fn in variants.items():
                     start = time.perf_counter()
                     fn()
                     times[name].append(time.perf_counter() - start)
@@ -71,11 +108,16 @@ def main() -> None:
             totals[rank_arg][0] += a * PER_LAYER[(out_f, in_f)] * LAYERS
             totals[rank_arg][1] += f * PER_LAYER[(out_f, in_f)] * LAYERS
             row = f"| {out_f}x{in_f} | {rank_arg} ({rank}) | {a:.3f} | {f:.3f} | {a / f:.2f}x |"
+            if before:
+                b = statistics.median(times["before"])
+                row += f" {b:.3f} | {b / f:.2f}x |"
+                totals[rank_arg].append(b * PER_LAYER[(out_f, in_f)] * LAYERS)
             lines.append(row)
             print(row, flush=True)
     lines += ["", "Whole LLaMA-7B (32 x (q, k, v, o, gate, up, down)), estimated from the medians:", ""]
-    for rank_arg, (a, f) in totals.items():
-        lines.append(f"- rank {rank_arg}: add LoLDU {a:.0f} s, LAPACK floor {f:.0f} s ({a / f:.2f}x)")
+    for rank_arg, (a, f, *b) in totals.items():
+        was = f"; before: {b[0]:.0f} s ({b[0] / f:.2f}x)" if b else ""
+        lines.append(f"- rank {rank_arg}: add LoLDU {a:.0f} s, LAPACK floor {f:.0f} s ({a / f:.2f}x){was}")
     print("\n".join(lines[-len(totals):]), flush=True)
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")

@@ -84,12 +84,15 @@ def _row_order(pivots, out_f: int, rank: int, name: str) -> list:
     return given + [i for i in range(out_f) if i not in chosen]
 
 
-def ldu_factors(weight: torch.Tensor, rank: int, name: str = "weight", pivots=None) -> LDUFactors:
+def ldu_factors(weight: torch.Tensor, rank: int, name: str = "weight", pivots=None,
+                dtype: torch.dtype = torch.float64) -> LDUFactors:
     """Row-pivoted LDU of ``weight`` (out x in), first ``rank`` pivots, in float64 on the CPU (on the weight's
     GPU when it is on one: the same pivots and factors up to float64 rounding).
 
     ``pivots`` (rank row indices) prescribes the elimination order instead of choosing it: the factors of a
-    weight, in the order an adapter was trained on another copy of it (a quantized one, say)."""
+    weight, in the order an adapter was trained on another copy of it (a quantized one, say).
+    ``dtype``: the dtype L and U are returned in, rounded once from the float64 factors (a layer asks for its
+    own: that saves a float64 pass over each); D stays float64."""
     if weight.dim() != 2:
         raise ValueError(f"{name}: LDU needs a 2-D weight, got shape {tuple(weight.shape)}")
     out_f, in_f = weight.shape
@@ -116,14 +119,18 @@ def ldu_factors(weight: torch.Tensor, rank: int, name: str = "weight", pivots=No
         lu = lu_without_pivoting(w[order, :rank].to(device=device, dtype=f64))
     perm_t = torch.tensor(perm, device=device)
     pivot_rows = perm_t[:rank]
-    U_raw = torch.empty(rank, in_f, dtype=f64, device=device)
-    U_raw[:, :rank] = lu[:rank]
-    U_raw[:, :rank].triu_()
-    if in_f > rank:  # (solve_triangular reads only the strict lower part of lu[:rank] when unitriangular)
+    top = lu[:rank]  # unit lower L (strictly below the diagonal) and U_raw's first rank columns (on and above)
+    if in_f == rank:
+        U_raw = torch.triu(top)
+    else:
+        U_raw = torch.empty(rank, in_f, dtype=f64, device=device)
+        torch.triu(top, out=U_raw[:, :rank])
+        # (solve_triangular reads only the strict lower part of top when unitriangular)
         rest = w[pivot_rows.to(w.device), rank:].to(device=device, dtype=f64)
-        U_raw[:, rank:] = torch.linalg.solve_triangular(lu[:rank], rest, upper=False, unitriangular=True)
-    L_perm = lu.tril_(-1)
-    L_perm.diagonal().fill_(1.0)
+        U_raw[:, rank:] = torch.linalg.solve_triangular(top, rest, upper=False, unitriangular=True)
+    top.tril_(-1)  # (the rows below the top block hold L alone)
+    top.diagonal().fill_(1.0)
+    L_perm = lu.to(dtype)
     L = torch.empty_like(L_perm)
     L[perm_t] = L_perm  # fold P into L's rows: row perm[i] of L is row i of the permuted L
 
@@ -135,7 +142,8 @@ def ldu_factors(weight: torch.Tensor, rank: int, name: str = "weight", pivots=No
     tol = LOST_PIVOT_EPS.get(w.dtype, 16.0) * eps * largest
     growth = torch.linalg.vector_norm(U_raw, float("inf"), dim=1)
     usable = (D.abs() > tol) & (D.abs() * MAX_U_GROWTH >= growth)
-    U = U_raw.div_(torch.where(usable, D, torch.ones_like(D))[:, None])
+    scale = torch.where(usable, D, torch.ones_like(D))[:, None]
+    U = U_raw.div_(scale) if dtype == f64 else torch.div(U_raw, scale, out=torch.empty_like(U_raw, dtype=dtype))
     # Unusable pivot: a unit direction with D = 0 (it starts at zero and cannot overflow any dtype).
     for k in torch.nonzero(~usable).flatten().tolist():
         D[k] = 0.0

@@ -60,7 +60,9 @@ class LoLDUMixin:
             factors = dict(L=torch.empty(out_f, rank), U=torch.empty(rank, in_f), D=torch.empty(rank),
                            pivots=torch.empty(rank, dtype=torch.int64), d0=torch.empty(rank))
         else:
-            ldu = ldu_factors(weight2d, rank, self.loldu_name, pivots)
+            # L and U come in the layer's dtype, rounded once from float64 as before
+            ldu = ldu_factors(weight2d, rank, self.loldu_name, pivots,
+                              dtype if dtype.is_floating_point else torch.float64)
             warn_if_rank_deficient(ldu, self.loldu_name)
             factors = dict(L=ldu.L, U=ldu.U, D=ldu.D, pivots=ldu.pivots,
                            d0=initial_diagonal(ldu.D, self.init, self.init_seed, self.loldu_name))
