@@ -55,7 +55,7 @@ def load_before(path: Path):
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # (dataclasses look their module up there)
     spec.loader.exec_module(module)
-    return lambda weight, rank, name="weight", pivots=None: module.ldu_factors(weight, rank, name)
+    return lambda weight, rank, name="weight", pivots=None, dtype=None: module.ldu_factors(weight, rank, name)
 
 
 @contextlib.contextmanager

@@ -340,6 +340,23 @@ def test_a_4bit_weight_repacked_for_the_cpu_kernel_is_refused_by_name():
     assert isinstance(model[0], LoLDUQuantizedLinear)
 
 
+@pytest.mark.parametrize("kind", ["bnb-nf4", "bnb-int8"])
+def test_a_quantized_weight_that_dequantizes_to_nan_is_refused_by_name(kind):
+    model = quantized_llama(kind)
+    layer = model.model.layers[1].self_attn.v_proj
+    with torch.no_grad():
+        if kind == "bnb-nf4":
+            state = layer.weight.quant_state
+            (state.state2.absmax if state.nested else state.absmax)[0] = float("nan")
+        else:
+            layer.weight.SCB[3] = float("inf")
+    before = dict(model.named_modules())
+    with pytest.raises(ValueError, match=r"model.layers.1.self_attn.v_proj: weight of shape \(16, 32\) contains "
+                                         r"NaN or Inf"):
+        add_loldu(model, rank=2, target_modules=ATTN)
+    assert dict(model.named_modules()) == before and not loldu_layers(model)
+
+
 def test_wrong_inputs_are_refused_by_name():
     model = quantized_llama("bnb-int8")
     add_loldu(model, rank=2, target_modules=ATTN)
@@ -351,6 +368,8 @@ def test_wrong_inputs_are_refused_by_name():
     assert logical_shape(layer) == (32, 32) == logical_shape(layer.base_layer)
     with pytest.raises(ValueError, match="not a quantized layer"):
         LoLDUQuantizedLinear.from_base(nn.Linear(4, 4), 2)
+    with pytest.raises(ValueError, match="cannot wrap str: it is not a quantized layer"):
+        LoLDUQuantizedLinear.from_base("q_proj", 2)
 
 
 FROM_PRETRAINED = {"nf4-double-quant": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

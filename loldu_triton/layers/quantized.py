@@ -63,12 +63,15 @@ class LoLDUQuantizedLinear(LoLDULayer, nn.Module):
         return dequantized_weight(self.base_layer, self.quantized_by)
 
     def weight2d(self) -> torch.Tensor:
+        """The weight as the matrix LoLDU factors: the dequantized one (out x in)."""
         return self.dense_weight()
 
     def factor_weight(self) -> torch.Tensor:
+        """The dequantized weight in the base's compute dtype, which the factors come from (and take)."""
         return self.dense_weight().to(compute_dtype(self.base_layer, self.quantized_by))
 
     def freeze_base(self) -> None:
+        """requires_grad=False on the base's weight and bias (a quantized weight never needs a gradient)."""
         for p in (self.weight, self.bias):
             if p is not None and p.requires_grad:
                 p.requires_grad_(False)
@@ -85,6 +88,7 @@ class LoLDUQuantizedLinear(LoLDULayer, nn.Module):
         return self.base_identity
 
     def merge_weights(self) -> None:
+        """Refused: a reversible merge would keep a full-precision weight next to the quantized one."""
         raise ValueError(f"{self.loldu_name}: the base is quantized ({self.quantized_by}); a reversible merge would "
                          f"keep a full-precision copy next to it. Serve it unmerged, or merge for good with "
                          f"merge_loldu(model), which gives a full-precision nn.Linear")
