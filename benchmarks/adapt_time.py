@@ -111,7 +111,7 @@ def main() -> None:
             if before:
                 b = statistics.median(times["before"])
                 row += f" {b:.3f} | {b / f:.2f}x |"
-                totals[rank_arg].append(b * PER_LAYER[(out_f, in_f)] * LAYERS)
+                totals[rank_arg][2:] = [(totals[rank_arg][2:] or [0.0])[0] + b * PER_LAYER[(out_f, in_f)] * LAYERS]
             lines.append(row)
             print(row, flush=True)
     lines += ["", "Whole LLaMA-7B (32 x (q, k, v, o, gate, up, down)), estimated from the medians:", ""]

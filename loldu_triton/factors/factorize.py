@@ -125,12 +125,14 @@ def ldu_factors(weight: torch.Tensor, rank: int, name: str = "weight", pivots=No
     else:
         U_raw = torch.empty(rank, in_f, dtype=f64, device=device)
         torch.triu(top, out=U_raw[:, :rank])
-        # (solve_triangular reads only the strict lower part of top when unitriangular)
-        rest = w[pivot_rows.to(w.device), rank:].to(device=device, dtype=f64)
-        U_raw[:, rank:] = torch.linalg.solve_triangular(top, rest, upper=False, unitriangular=True)
-    top.tril_(-1)  # (the rows below the top block hold L alone)
-    top.diagonal().fill_(1.0)
-    L_perm = lu.to(dtype)
+        # The pivot rows' other columns, converted as they are copied in, then solved where they are (the same
+        # bits as a solve into a new tensor). solve_triangular reads only top's strict lower part (unitriangular).
+        rest = U_raw[:, rank:]
+        rest.copy_(w[pivot_rows.to(w.device), rank:])
+        torch.linalg.solve_triangular(top, rest, upper=False, unitriangular=True, out=rest)
+    L_perm = lu.to(dtype)  # (rounding commutes with zeroing: cast first, then clear U's part in the dtype)
+    L_perm[:rank].tril_(-1)  # (the rows below the top block hold L alone)
+    L_perm.diagonal().fill_(1.0)
     L = torch.empty_like(L_perm)
     L[perm_t] = L_perm  # fold P into L's rows: row perm[i] of L is row i of the permuted L
 
