@@ -120,17 +120,19 @@ def ldu_factors(weight: torch.Tensor, rank: int, name: str = "weight", pivots=No
     perm_t = torch.tensor(perm, device=device)
     pivot_rows = perm_t[:rank]
     top = lu[:rank]  # unit lower L (strictly below the diagonal) and U_raw's first rank columns (on and above)
-    if in_f == rank:
-        U_raw = torch.triu(top)
-    else:
-        U_raw = torch.empty(rank, in_f, dtype=f64, device=device)
-        torch.triu(top, out=U_raw[:, :rank])
+    # U_raw row-major (LAPACK's lu is column-major): this transposing copy is most of the cost beyond LAPACK's
+    # at full rank; a copy then an in-place triu was the fastest way measured
+    U_raw = torch.empty(rank, in_f, dtype=f64, device=device)
+    U_raw[:, :rank].copy_(top)
+    U_raw[:, :rank].triu_()
+    if in_f > rank:
         # The pivot rows' other columns, converted as they are copied in, then solved where they are (the same
         # bits as a solve into a new tensor). solve_triangular reads only top's strict lower part (unitriangular).
         rest = U_raw[:, rank:]
         rest.copy_(w[pivot_rows.to(w.device), rank:])
         torch.linalg.solve_triangular(top, rest, upper=False, unitriangular=True, out=rest)
-    L_perm = lu.to(dtype)  # (rounding commutes with zeroing: cast first, then clear U's part in the dtype)
+    # L in the dtype asked for (rounding commutes with the zeroing, done in that dtype; in place for float64)
+    L_perm = lu.to(dtype)
     L_perm[:rank].tril_(-1)  # (the rows below the top block hold L alone)
     L_perm.diagonal().fill_(1.0)
     L = torch.empty_like(L_perm)
