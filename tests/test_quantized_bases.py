@@ -243,6 +243,29 @@ def test_adapter_of_a_4bit_base_loads_into_a_full_model_that_already_has_loldu(t
         assert layer.adapter_names == ()
 
 
+@pytest.mark.parametrize("kind", ["bnb-int8", "torchao-int8"])  # (bitsandbytes' 4-bit state does not reload on
+def test_a_base_loaded_through_load_state_dict_gives_new_factors(kind):  # the CPU: a plain 4-bit model fails too)
+    model = quantized_llama(kind)
+    add_loldu(model, rank=4, target_modules=ATTN)
+    other = quantized_llama(kind, seed=3)
+    add_loldu(other, rank=4, target_modules=ATTN)
+    train(other)
+    x = ids(6)
+    layer = model.model.layers[0].self_attn.q_proj
+    # the other model's base weights only (no d): new factors, back at init (its own base's output)
+    base_only = {k: v for k, v in other.state_dict().items() if not k.endswith((".d", ".s"))}
+    missing = model.load_state_dict(base_only, strict=False).missing_keys
+    assert sorted(missing) == sorted(k for k in other.state_dict() if k.endswith((".d", ".s")))
+    want = other.model.layers[0].self_attn.q_proj
+    assert torch.equal(layer.pivots, want.pivots) and torch.equal(layer.L, want.L) and torch.equal(layer.U, want.U)
+    assert layer.base_fingerprint()[0] == want.base_fingerprint()[0]
+    assert float(layer.delta_diagonal().abs().max()) == 0.0
+    # everything, d and s included: the other model itself
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, other(x).logits)
+
+
 def test_export_lora_gives_the_same_delta_and_merge_gives_a_full_precision_linear(tmp_path):
     safetensors = pytest.importorskip("safetensors.torch")
     model = quantized_llama("bnb-nf4")

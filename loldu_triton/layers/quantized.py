@@ -42,6 +42,7 @@ class LoLDUQuantizedLinear(LoLDULayer, nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.base_layer = module
+        self.register_load_state_dict_post_hook(_after_state_dict)
         self.quantized_by = kind
         self.in_features, self.out_features = int(module.in_features), int(module.out_features)
         return self
@@ -131,6 +132,29 @@ class LoLDUQuantizedLinear(LoLDULayer, nn.Module):
         side = side_term(t, e if rows is None else e[rows], self.L, y.dtype)
         return y + side.reshape(y.shape)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A new base weight loads into base_layer after this: _after_state_dict refactorizes then.
+        self.__dict__["_reloading"] = (prefix + "base_layer.weight" in state_dict, prefix + "d" in state_dict)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, base={self.quantized_by}"
                 + self._loldu_repr())
+
+
+def _after_state_dict(layer: LoLDUQuantizedLinear, incompatible) -> None:
+    """After load_state_dict: a base weight that came in gives new factors and a new fingerprint, as a
+    LoLDULinear's does; a fresh adapter (no d in the state dict) starts again at e == 0."""
+    base_loaded, adapter_loaded = layer.__dict__.pop("_reloading", (False, False))
+    if not base_loaded:
+        return
+    dense = layer.dense_weight()
+    layer.base_identity = (weight_checksum(dense), weight_sketch(dense), layer.quantized_by)
+    d, s = layer.d.detach().clone(), layer.s.detach().clone()
+    layer._refactorize(layer.factor_weight())
+    if adapter_loaded:
+        with torch.no_grad():
+            layer.d.copy_(d)
+            layer.s.copy_(s)
+    else:
+        layer.reset_loldu()
