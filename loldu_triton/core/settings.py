@@ -206,9 +206,10 @@ def check_fields(data, where: str) -> dict:
 # Unit roundoff of each precision a base weight can have (its dtype, or its quantization). For the bases other
 # libraries quantize (factors.quantized_bases): the relative change of the weight (Frobenius norm) that the
 # quantization makes, with room. 8-bit per-row absmax moved weights by <= 0.4%. 4-bit blocks (nf4, fp4, torchao
-# int4) moved Gaussian weights by 9-12%, and a tiny Llama's by up to 30% (one layer 83%, bitsandbytes' CPU
-# backend), with sketch gaps up to 0.66: the sketch tolerance (4x the sum of two roundoffs) is then 1.0, while a
-# different weight of the same size moves the sketch by ~2-3. At 4 bits the sketch is a coarse check.
+# int4) moved weights by 9-12%, but bitsandbytes 0.50.2's CPU backend moved Gaussian weights with 32 input
+# features by 30-40% (a tiny Llama's layer by 83%), with sketch gaps up to 0.66: the sketch tolerance (4x the sum
+# of two roundoffs) is then 1.0, while a different weight of the same size moves the sketch by ~2-3. At 4 bits
+# the sketch is a coarse check.
 ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8,
             "int8": 2.0**-6, "fp8": 2.0**-4, "bnb-int8": 2.0**-6, "torchao-int8": 2.0**-6,
             "bnb-nf4": 2.0**-2, "bnb-fp4": 2.0**-2, "torchao-int4": 2.0**-2}
