@@ -31,7 +31,8 @@ test: $(VENV)/.installed-test
 # must hold there too. `make test-numerics NUMERICS_CPU=default` tries the slowest, plainest kernels.
 NUMERICS := tests/test_kernels.py tests/test_functional.py tests/test_layer.py tests/test_routes.py \
 	tests/test_properties.py tests/test_factorize.py tests/test_inference_cache.py tests/test_quant.py \
-	tests/test_conv_embedding.py tests/test_adapter_batch.py tests/test_dropout.py
+	tests/test_conv_embedding.py tests/test_adapter_batch.py tests/test_dropout.py \
+	tests/test_quantized_bases.py
 NUMERICS_CPU ?= avx2
 test-numerics: $(VENV)/.installed-test
 	ATEN_CPU_CAPABILITY=$(NUMERICS_CPU) $(PYTEST) $(NUMERICS)

@@ -19,6 +19,7 @@ from .layers.parametrization import LoLDUParametrization
 from .integrations.peft_model import LoLDUModel, get_loldu_model
 from .model.adapt import (add_loldu, get_loldu_params, get_loldu_state_dict, mark_only_loldu_as_trainable,
                           print_trainable_parameters)
+from .layers.quantized import LoLDUQuantizedLinear
 from .model.manage import (adapter_batch, delete_adapter, disable_loldu, enable_loldu, get_active_adapter,
                            merge_loldu, remove_loldu, set_adapter, unmerge_loldu)
 from .model.targeting import list_adapters, loldu_layers
@@ -59,6 +60,7 @@ __all__ = [
     "LoLDULinear",
     "LoLDUConv2d",
     "LoLDUEmbedding",
+    "LoLDUQuantizedLinear",
     "loldu_linear",
     "loldu_merged_weight",
     "ldu_factors",

@@ -120,3 +120,64 @@ def test_inits_follow_the_pivot_statistics_and_are_reproducible():
     assert not torch.equal(normal, initial_diagonal(D, "normal", 1))
     with pytest.raises(ValueError, match="init must be one of"):
         initial_diagonal(D, "xavier", 0)
+
+
+@pytest.mark.parametrize("shape,r", [((7, 5), 5), ((30, 40), 30), ((64, 32), 20), ((50, 70), 37), ((1, 6), 1)])
+def test_prescribed_pivots_give_the_factors_of_that_elimination_order(shape, r):
+    W = torch.randn(*shape, dtype=torch.float64)
+    pivots, L, D, U = lapack_reference(W, r)
+    f = ldu_factors(W, r, pivots=pivots)  # the order partial pivoting chooses: LAPACK's factors
+    assert torch.equal(f.pivots, pivots) and f.usable_rank == r
+    S, bound = factor_bounds(W, f, r)
+    bad = [line for name, ours, ref in (("L", f.L, L), ("D", f.D, D), ("U", f.U, U))
+           for line in outside(ours, ref, 2 * bound[name], name)]
+    assert not bad, "\n".join(bad)
+    # another order (more than 16 columns: the recursive halves run): W = L D U still holds there
+    order = torch.randperm(shape[0])[:r]
+    g = ldu_factors(W, r, pivots=order.tolist())
+    assert torch.equal(g.pivots, order) and torch.isfinite(g.L).all() and torch.isfinite(g.U).all()
+    usable = g.D != 0
+    S = (g.L.abs() * g.D.abs()) @ g.U.abs()
+    LDU = g.L @ torch.diag(g.D) @ g.U
+    if bool(usable.all()):
+        assert_close(LDU[:, :r], W[:, :r], S[:, :r], r, torch.float64, "first r columns")
+        assert_close(LDU[order], W[order], S[order], r, torch.float64, "pivot rows")
+    assert torch.equal(g.L[g.pivots, torch.arange(r)], torch.ones(r, dtype=torch.float64))
+
+
+def test_prescribed_zero_pivot_gives_a_unit_direction_and_no_nan():
+    W = torch.randn(6, 5, dtype=torch.float64)
+    W[2, 0] = 0.0
+    f = ldu_factors(W, 3, pivots=[2, 0, 1])
+    assert f.D[0] == 0 and f.usable_rank == 2
+    assert torch.isfinite(f.L).all() and torch.isfinite(f.U).all()
+
+
+@pytest.mark.parametrize("pivots", [[0, 0, 1], [0, 1], [0, 1, 6], [-1, 0, 1], [0.0, 1, 2]])
+def test_bad_prescribed_pivots_are_refused_by_name(pivots):
+    with pytest.raises(ValueError, match=r"layer\.v: pivots must be 3 distinct row indices in \[0, 6\)"):
+        ldu_factors(torch.randn(6, 5), 3, name="layer.v", pivots=pivots)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU factorization is not run")
+@pytest.mark.parametrize("shape,r", [((300, 200), 64), ((200, 300), 200), ((64, 64), 64)])
+def test_factors_on_the_gpu_match_the_cpu_path_up_to_float64_rounding(shape, r):
+    W = torch.randn(*shape, dtype=torch.float32)
+    cpu, gpu = ldu_factors(W, r), ldu_factors(W.cuda(), r)
+    assert gpu.L.is_cuda and gpu.U.is_cuda and gpu.D.is_cuda and not gpu.pivots.is_cuda
+    assert torch.equal(cpu.pivots, gpu.pivots) and cpu.usable_rank == gpu.usable_rank
+    S, bound = factor_bounds(W.double(), cpu, r)
+    bad = [line for name in ("L", "D", "U")
+           for line in outside(getattr(gpu, name).cpu(), getattr(cpu, name), 2 * bound[name], name)]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_entry_anywhere_in_a_large_weight_is_refused(dtype, bad):
+    W = torch.randn(67, 1031).to(dtype)
+    for index in [(0, 0), (66, 1030), (33, 517), (5, 1029)]:  # corners, middle, a vector tail
+        V = W.clone()
+        V[index] = bad
+        with pytest.raises(ValueError, match=r"w\.x: weight of shape \(67, 1031\) contains NaN or Inf"):
+            ldu_factors(V, 3, name="w.x")

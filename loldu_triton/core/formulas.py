@@ -42,6 +42,7 @@ def add_side_term(out: torch.Tensor, a: torch.Tensor, e: torch.Tensor, b_t: torc
 
 
 def side_term(a: torch.Tensor, e: torch.Tensor, b_t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(a * e) b_t as a new tensor of ``dtype``: the rank-r term alone, where it is not added to another
-    (dropout(x)'s gradient (v * e) U)."""
+    """(a * e) b_t as a new tensor of ``dtype``, out of place (with autograd): the rank-r term alone, where it
+    is not added to another output (a quantized base's own forward: b_t = L^T; dropout(x)'s gradient
+    (v * e) U: b_t = U). a: (M, r), e: (r,) or one row per row of a."""
     return (a * e).to(dtype) @ b_t.to(dtype)

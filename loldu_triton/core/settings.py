@@ -104,6 +104,24 @@ def check_dropout(p, where: str) -> float:
     return float(p)
 
 
+def check_progress(progress, where: str):
+    """None (a bar when stderr is a terminal, unless LOLDU_PROGRESS=0), True or False."""
+    if progress is not None and not isinstance(progress, bool):
+        raise ValueError(f"{where}: progress must be None, True or False, got {progress!r}")
+    return progress
+
+
+def progress_delay(progress, delay: float):
+    """After how many seconds a progress bar shows (None: never). progress=True or LOLDU_PROGRESS=1: at once;
+    False or LOLDU_PROGRESS=0: never; None with neither set: after ``delay`` when stderr is a terminal."""
+    env = os.environ.get("LOLDU_PROGRESS", "").strip()
+    if progress is True or (progress is None and env == "1"):
+        return 0.0
+    if progress is False or env == "0" or not getattr(sys.stderr, "isatty", lambda: False)():
+        return None
+    return delay
+
+
 def check_settings(where: str, rank, alpha, init, init_seed, shape=None, allow_full=False):
     """(rank, alpha, init, init_seed), each checked; alpha None stays None."""
     return (check_rank(rank, where, shape, allow_full), check_alpha(alpha, where), check_init(init, where),
@@ -275,6 +293,13 @@ def check_fields(data, where: str) -> dict:
     return {name: FIELD_CHECKS[name](value, where) for name, value in data.items()}
 
 
-# Unit roundoff of each precision a base weight can have (its dtype, or its quantization).
+# Unit roundoff of each precision a base weight can have (its dtype, or its quantization). For the bases other
+# libraries quantize (factors.quantized_bases): the relative change of the weight (Frobenius norm) that the
+# quantization makes, with room. 8-bit per-row absmax moved weights by <= 0.4%. 4-bit blocks (nf4, fp4, torchao
+# int4) moved weights by 9-12%, but bitsandbytes 0.50.2's CPU backend moved Gaussian weights with 32 input
+# features by 30-40% (a tiny Llama's layer by 83%), with sketch gaps up to 0.66: the sketch tolerance (4x the sum
+# of two roundoffs) is then 1.0, while a different weight of the same size moves the sketch by ~2-3. At 4 bits
+# the sketch is a coarse check.
 ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8,
-            "int8": 2.0**-6, "fp8": 2.0**-4}
+            "int8": 2.0**-6, "fp8": 2.0**-4, "bnb-int8": 2.0**-6, "torchao-int8": 2.0**-6,
+            "bnb-nf4": 2.0**-2, "bnb-fp4": 2.0**-2, "torchao-int4": 2.0**-2}

@@ -13,13 +13,14 @@ from .._version import __version__
 from ..core.config import LoLDUConfig
 from ..core.fileformat import (ADAPTER_NAME, COMMON_FIELDS, LAYER_FIELDS, PIVOT_VALUE_RTOL, SAVED_PREFIX,
                                atomic_write, read_adapter, refuse_other_adapter, remove_legacy, serialize)
-from ..core.settings import check_adapter_name, warn_caller
+from ..core.settings import check_adapter_name, check_progress, warn_caller
 from ..factors.fingerprint import sketch_gap, sketch_tolerance
+from ..factors.quantized_bases import QUANTIZED_BASE_KINDS, logical_shape
 from ..layers.base import LoLDULayer
-from ..layers.registry import LOLDU_LAYERS, base_type
+from ..layers.registry import base_type, layer_class
 from ..layers.saved import SavedModule
 from ..model.heads import saved_modules
-from ..model.targeting import (adapter_layers, loldu_layers, loldu_root, offloaded_reason, refuse_merged,
+from ..model.targeting import (adapter_layers, layer_progress, loldu_layers, loldu_root, offloaded_reason, refuse_merged,
                                replace_module, why_not_adaptable)
 
 
@@ -27,7 +28,7 @@ def layer_record(layer: LoLDULayer, sha256: str, precision: str) -> dict:
     """One layer's entry in the file's config: its settings (LoLDUConfig fields), type, shape and base."""
     settings = layer.loldu_settings().to_dict()
     return {**{k: settings[k] for k in LAYER_FIELDS}, "type": layer.base_class.__name__,
-            "weight_shape": list(layer.weight.shape), "base": {"sha256": sha256, "precision": precision}}
+            "weight_shape": list(logical_shape(layer)), "base": {"sha256": sha256, "precision": precision}}
 
 
 def common_config(layers) -> Optional[LoLDUConfig]:
@@ -108,8 +109,18 @@ def save_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None, 
     return directory
 
 
-def check_base(name: str, layer: LoLDULayer, saved: dict, path: Path) -> None:
-    if layer.pivots.tolist() != saved["pivots"]:
+def follows_pivots(layer: LoLDULayer, saved: dict, named: bool) -> bool:
+    """Whether ``layer`` takes the adapter's elimination order rather than its own: the pivots differ and one
+    side is a base another library quantized (its rounding can reorder near-equal pivots), and no other adapter
+    of the layer depends on its factors. The fingerprint (sketch) then vouches for the base alone."""
+    here = layer.quantized_by or str(layer.weight.dtype).replace("torch.", "")
+    quantized = here in QUANTIZED_BASE_KINDS or saved["base"].get("precision") in QUANTIZED_BASE_KINDS
+    return (quantized and "sketch" in saved and not named and not layer.adapter_names
+            and layer.pivots.tolist() != saved["pivots"])
+
+
+def check_base(name: str, layer: LoLDULayer, saved: dict, path: Path, follow: bool = False) -> None:
+    if not follow and layer.pivots.tolist() != saved["pivots"]:
         raise ValueError(f"load_loldu: layer {name!r} has a different base weight than the adapter in {path} "
                          f"was trained on (its LU pivots differ)")
     sha256, sketch, precision = layer.base_fingerprint()
@@ -132,7 +143,8 @@ def check_base(name: str, layer: LoLDULayer, saved: dict, path: Path) -> None:
                 f"trained on ({there} there, {precision} here; fingerprints agree to {gap:.1e}); loading")
 
 
-def load_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None) -> nn.Module:
+def load_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None,
+               progress: Optional[bool] = None) -> nn.Module:
     """Load an adapter written by ``save_loldu`` into ``model`` (a plain base model, or one with LoLDU).
 
     Layers without LoLDU get it; every check (files, layer names and shapes, base-weight fingerprints) runs
@@ -145,8 +157,13 @@ def load_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None) 
 
     Like add_loldu, it leaves requires_grad of the other parameters alone: ``mark_only_loldu_as_trainable``
     freezes them.
+
+    Between a base that bitsandbytes or torchao quantized and the full-precision one (either way), the layer
+    takes the adapter's pivot order (its factors then differ only by the quantization's rounding), and loading
+    warns that the base is not byte-identical. ``progress``: as add_loldu's.
     """
     check_adapter_name(adapter_name, "load_loldu", allow_none=True)
+    check_progress(progress, "load_loldu")
     returned, model = model, loldu_root(model)
     refuse_merged(loldu_layers(model), "load_loldu")
     directory = Path(directory)
@@ -154,15 +171,16 @@ def load_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None) 
 
     plan = []  # (name, module now, layer to hold the values, whether it replaces the module)
     modules = dict(model.named_modules())
-    for name, spec in layers.items():
+    for name in layer_progress(model, list(layers), "load_loldu", progress):
+        spec = layers[name]
         module = modules.get(name)
         base = base_type(module) if module is not None else None
         if base is None or base.__name__ != spec["type"]:
             found = "nothing" if module is None else type(module).__name__
             raise ValueError(f"load_loldu: the adapter in {directory} has layer {name!r}, but the model has "
                              f"{found} there (an nn.{spec['type']} is needed)")
-        if list(module.weight.shape) != spec["weight_shape"]:
-            raise ValueError(f"load_loldu: layer {name!r} has a weight of shape {list(module.weight.shape)}, the "
+        if list(logical_shape(module)) != spec["weight_shape"]:
+            raise ValueError(f"load_loldu: layer {name!r} has a weight of shape {list(logical_shape(module))}, the "
                              f"adapter expects {spec['weight_shape']}")
         settings = (spec["rank"], spec["alpha"], spec["init"], spec["init_seed"])
         named = adapter_name is not None and adapter_name != getattr(module, "active_adapter", "default")
@@ -192,19 +210,24 @@ def load_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None) 
             if module.weight.is_meta:
                 raise ValueError(f"load_loldu: layer {name!r} is on the meta device; load its real weights first")
             backend = getattr(module, "backend", "auto")
-            target = LOLDU_LAYERS[base].from_base(module, spec["rank"], spec["alpha"], spec["init"],
+            target = layer_class(module).from_base(module, spec["rank"], spec["alpha"], spec["init"],
                                                   spec["init_seed"], backend, name, freeze=False)
             if isinstance(module, LoLDULayer):
                 target.base_requires_grad = module.base_requires_grad
             replaces = True
-        check_base(name, target, spec, directory)
-        plan.append((name, module, target, replaces, named))
+        follow = follows_pivots(target, spec, named)
+        if follow and replaces:  # a new layer, not in the model yet
+            target.follow_pivots(spec["pivots"])
+        check_base(name, target, spec, directory, follow)
+        plan.append((name, module, target, replaces, named, follow and not replaces))
 
     heads = plan_saved(model, saved, modules, directory)
     others = [n for n, _ in loldu_layers(model) if n not in layers]
-    if others and not all(named for *_, named in plan):
+    if others and not all(entry[4] for entry in plan):
         warn_caller(f"load_loldu: {others} have LoLDU but are not in the adapter; left as they are")
-    for name, module, target, replaces, named in plan:
+    for name, module, target, replaces, named, refactorize in plan:
+        if refactorize:  # a layer of the model: changed only now that every check passed
+            target.follow_pivots(layers[name]["pivots"])
         d, s = tensors[f"{name}.d"].to(target.d.device), tensors[f"{name}.s"].to(target.d.device)
         if named:
             target.set_named_adapter(adapter_name, d, s)

@@ -310,11 +310,11 @@ def adapter_config(directory) -> Optional[LoLDUConfig]:
         return None
 
 
-def get_loldu_model(model: nn.Module, config: Union[LoLDUConfig, dict]) -> LoLDUModel:
+def get_loldu_model(model: nn.Module, config: Union[LoLDUConfig, dict], progress: Optional[bool] = None) -> LoLDUModel:
     """PEFT's get_peft_model: add LoLDU as ``config`` (a LoLDUConfig, or a dict of its fields, PEFT's names
     included) says, freeze everything but the adapter (d, s and modules_to_save; all of it with
     inference_mode=True), and return a LoLDUModel around the model (changed in place). If adding fails, nothing
-    is changed, requires_grad included."""
+    is changed, requires_grad included. ``progress``: as add_loldu's."""
     if isinstance(config, dict):
         config = LoLDUConfig.from_dict(config, "get_loldu_model")
     if not isinstance(config, LoLDUConfig):
@@ -327,7 +327,7 @@ def get_loldu_model(model: nn.Module, config: Union[LoLDUConfig, dict]) -> LoLDU
         raise ValueError(f"get_loldu_model: the model already has LoLDU layers {present}, whose settings the config "
                          f"would not describe; remove_loldu(model) first, or wrap it as it is with "
                          f"LoLDUModel(model, None)")
-    add_loldu(model, config)
+    add_loldu(model, config, progress=progress)
     mark_only_loldu_as_trainable(model)
     if config.inference_mode:
         model.requires_grad_(False)

@@ -122,6 +122,8 @@ class LoLDULayer(LoLDUMixin):
             self.bias.requires_grad_(False)
 
     base_quantization: Optional[str] = None  # "int8" / "fp8" once quantize_base() ran
+    # The kind of a base another library quantized (factors.quantized_bases), for LoLDUQuantizedLinear.
+    quantized_by: Optional[str] = None
     # The identity of the unquantized base, kept when quantizing it: (sha256, sketch, dtype name).
     base_identity: Optional[tuple] = None
 
@@ -274,6 +276,30 @@ class LoLDULayer(LoLDUMixin):
             self._refactorize(self.factor_weight())
             if prefix + "d" not in state_dict:
                 self.reset_loldu()
+
+    def follow_pivots(self, pivots) -> None:
+        """Refactorize the base weight in the elimination order ``pivots`` (an adapter's, trained on another
+        copy of this base: a quantized one, or the full-precision one), back at init."""
+        self._refactorize(self.factor_weight(), pivots)
+        self.reset_loldu()
+
+    def batch_table_row(self, name: Optional[str]) -> int:
+        """The row of the per-batch table for an adapter name: 0 is "no adapter" (None, or an adapter this layer
+        lacks), 1 the trainable adapter, then the named ones."""
+        if name == self.active_adapter:
+            return 1
+        return 2 + self.adapter_names.index(name) if name in self.adapter_names else 0
+
+    def batch_diagonals(self, e: torch.Tensor, x: torch.Tensor, rows_here: torch.Tensor):
+        """Within adapter_batch: (table of e: none, the trainable adapter, the named ones; the table row of each
+        row of x flattened to (M, in))."""
+        if x.dim() < 2 or x.shape[0] != rows_here.shape[0]:
+            raise ValueError(f"{self.loldu_name}: adapter_batch has {rows_here.shape[0]} names but the "
+                             f"input of shape {tuple(x.shape)} has {x.shape[0] if x.dim() else 0} rows")
+        named = getattr(self, "adapter_table", None)
+        named = named if named is not None else e.new_empty(0, self.rank)
+        table = torch.cat([torch.zeros_like(e)[None], e[None], named])
+        return table, rows_here.repeat_interleave(x[0].numel() // self.in_features)
 
     def _check_width(self, x: torch.Tensor, dim: int, expected: int, what: str) -> None:
         if x.dim() < -dim or x.shape[dim] != expected:

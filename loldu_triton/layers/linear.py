@@ -85,13 +85,6 @@ class LoLDULinear(LoLDULayer, nn.Linear):
             self._refactorize(self.weight)
             self.reset_loldu()
 
-    def batch_table_row(self, name: Optional[str]) -> int:
-        """The row of the per-batch table for an adapter name: 0 is "no adapter" (None, or an adapter this layer
-        lacks), 1 the trainable adapter, then the named ones."""
-        if name == self.active_adapter:
-            return 1
-        return 2 + self.adapter_names.index(name) if name in self.adapter_names else 0
-
     def quantize_base(self, kind: str) -> None:
         """Keep W0 as weight-only quantized values ("int8", or "fp8" e4m3) with a float32 scale per output row.
 
@@ -122,13 +115,7 @@ class LoLDULinear(LoLDULayer, nn.Linear):
         e = self.delta_diagonal()
         rows = None
         if rows_here is not None:
-            if x.dim() < 2 or x.shape[0] != rows_here.shape[0]:
-                raise ValueError(f"{self.loldu_name}: adapter_batch has {rows_here.shape[0]} names but the "
-                                 f"input of shape {tuple(x.shape)} has {x.shape[0] if x.dim() else 0} rows")
-            named = getattr(self, "adapter_table", None)
-            named = named if named is not None else e.new_empty(0, self.rank)
-            e = torch.cat([torch.zeros_like(e)[None], e[None], named])
-            rows = rows_here.repeat_interleave(x[0].numel() // self.in_features)
+            e, rows = self.batch_diagonals(e, x, rows_here)
         return loldu_linear_rows_checked(x, self.weight, self.bias, self.L, self.U, e, self.backend, rows,
                                          getattr(self, "weight_scale", None), self.loldu_name, dropout)
 

@@ -47,8 +47,9 @@ class LoLDUMixin:
                 self.d.copy_(source.d)
                 self.s.copy_(source.s)
 
-    def _refactorize(self, weight2d: torch.Tensor) -> None:
-        """(Re)compute the frozen factors and the initial diagonal from the base weight."""
+    def _refactorize(self, weight2d: torch.Tensor, pivots=None) -> None:
+        """(Re)compute the frozen factors and the initial diagonal from the base weight (in the elimination
+        order ``pivots`` where given, see ldu_factors)."""
         if getattr(self, "adapter_names", ()):  # they were trained on the old factors
             warn_caller(f"{self.loldu_name}: the base weight changed; named adapters {list(self.adapter_names)} "
                         f"were trained on the old one and are dropped")
@@ -59,7 +60,9 @@ class LoLDUMixin:
             factors = dict(L=torch.empty(out_f, rank), U=torch.empty(rank, in_f), D=torch.empty(rank),
                            pivots=torch.empty(rank, dtype=torch.int64), d0=torch.empty(rank))
         else:
-            ldu = ldu_factors(weight2d, rank, self.loldu_name)
+            # L and U come in the layer's dtype, rounded once from float64 as before
+            ldu = ldu_factors(weight2d, rank, self.loldu_name, pivots,
+                              dtype if dtype.is_floating_point else torch.float64)
             warn_if_rank_deficient(ldu, self.loldu_name)
             factors = dict(L=ldu.L, U=ldu.U, D=ldu.D, pivots=ldu.pivots,
                            d0=initial_diagonal(ldu.D, self.init, self.init_seed, self.loldu_name))

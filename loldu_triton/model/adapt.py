@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -9,13 +10,14 @@ import torch
 import torch.nn as nn
 
 from ..core.config import LoLDUConfig
-from ..core.settings import RankClampWarning, clamp_rank, warn_caller
+from ..core.settings import RankClampWarning, check_progress, clamp_rank, warn_caller
+from ..factors.quantized_bases import logical_shape, quantized_kind
 from ..layers.base import LoLDULayer
 from ..layers.linear import LoLDULinear
 from ..layers.parametrization import LoLDUParametrization
-from ..layers.registry import LOLDU_LAYERS, base_type
+from ..layers.registry import LOLDU_LAYERS, base_type, layer_class
 from .heads import install_saved, saved_modules, saved_names, wrap_saved
-from .targeting import loldu_layers, loldu_root, replace_module, select_targets
+from .targeting import layer_progress, loldu_layers, loldu_root, replace_module, select_targets
 
 
 def _config_factory(config: Dict[type, Dict[str, Callable]], module: nn.Module) -> Optional[Callable]:
@@ -60,6 +62,7 @@ def add_loldu(
     dropout: float = 0.0,
     exclude_modules: Union[None, str, Sequence[str]] = None,
     modules_to_save: Optional[Sequence[str]] = None,
+    progress: Optional[bool] = None,
 ) -> nn.Module:
     """Replace the targeted layers of ``model`` with LoLDU layers, in place (and return the model).
 
@@ -82,7 +85,14 @@ def add_loldu(
     unquantized weight. ``dropout`` (PEFT's lora_dropout): in training mode each layer's rank-r path reads
     dropout(x); nn.Embedding layers refuse dropout > 0 (their input is indices). Unlike get_loldu_model,
     add_loldu leaves requires_grad of the other parameters alone.
+
+    Layers that bitsandbytes (Linear4bit: nf4, fp4; Linear8bitLt) or torchao (int8/int4 weight-only) quantized
+    get LoLDUQuantizedLinear: their own forward computes the base, the factors come from the dequantized weight.
+
+    ``progress``: a progress bar on stderr naming each layer (None: when stderr is a terminal and the work takes
+    over 2 s, unless the environment sets LOLDU_PROGRESS=0; True: always; False: never).
     """
+    check_progress(progress, "add_loldu")
     reference = None
     if isinstance(loldu_config, LoLDUConfig):
         keywords = dict(rank=rank, alpha=alpha, init=init, init_seed=init_seed, target_modules=target_modules,
@@ -135,26 +145,34 @@ def add_loldu(
         raise ValueError(f"add_loldu: the model has no layer to adapt outside modules_to_save {heads}")
     if existing:
         warn_caller(f"add_loldu: {existing} already have LoLDU; left as they are (adapters never stack)")
-    no_dropout = [n for n in targets if not LOLDU_LAYERS[base_type(model.get_submodule(n))].input_dropout]
+    no_dropout = [n for n in targets if not layer_class(model.get_submodule(n)).input_dropout]
     if config.dropout and no_dropout:
         raise ValueError(f"add_loldu: dropout={config.dropout:g} drops input features, and {no_dropout} are "
                          f"nn.Embedding layers (their input is indices): target them apart with dropout=0")
 
     built: Dict[str, Tuple[nn.Module, LoLDULayer]] = {}
-    for name in targets:
+    for name in layer_progress(model, targets, "add_loldu", progress):
         module = model.get_submodule(name)
-        cls = LOLDU_LAYERS[base_type(module)]
+        cls = layer_class(module)
+        if reference is not None and quantized_kind(module) is not None:
+            raise ValueError(f"add_loldu: {name!r} is quantized ({quantized_kind(module)}); the reference code's "
+                             f"loldu_config factories read a plain weight. Use rank= or a LoLDUConfig")
         if reference is not None:
             spec = _call_factory(_config_factory(reference, module), module, name)
             if not isinstance(spec, LoLDUParametrization):
                 raise TypeError(f"add_loldu: the factory for {name!r} must return a LoLDUParametrization")
             layer = cls.from_parametrization(module, spec, config.backend, name, freeze=False, dropout=config.dropout)
         else:
-            shape = (module.weight.shape[0], module.weight[0].numel())
+            shape = logical_shape(module)
+            shape = (shape[0], math.prod(shape[1:]))
             rank_here = clamp_rank(config.rank, shape, f"add_loldu: {name!r}")
             layer = cls.from_base(module, rank_here, config.alpha, config.init, config.init_seed, config.backend,
                                   name, freeze=False, dropout=config.dropout)
         if config.base_quantization is not None:
+            if layer.quantized_by is not None:
+                raise ValueError(f"add_loldu: {name!r} is already quantized ({layer.quantized_by}); "
+                                 f"base_quantization={config.base_quantization!r} would quantize it again. Leave "
+                                 f"base_quantization=None for a quantized model")
             if not isinstance(layer, LoLDULinear):
                 raise ValueError(f"add_loldu: base_quantization covers nn.Linear layers; {name!r} is a "
                                  f"{layer.base_class.__name__}")

@@ -12,6 +12,7 @@ from ..core.settings import check_adapter_name
 from ..layers.batch import COMPILED_BATCH, batch_rows_scope
 from ..layers.linear import LoLDULinear
 from .heads import activate_saved, delete_saved, saved_modules, unwrap_saved
+from ..layers.quantized import LoLDUQuantizedLinear
 from .targeting import layers_or_error, list_adapters, loldu_layers, refuse_merged, replace_module
 
 
@@ -117,7 +118,8 @@ def merge_loldu(model: nn.Module, reversible: bool = False) -> nn.Module:
         raise ValueError(f"{where}: reversible must be True or False, got {reversible!r}")
     if reversible:
         layers = layers_or_error(model, where)
-        quantized = [name for name, layer in layers if layer.base_quantization and not layer.loldu_merged]
+        quantized = [name for name, layer in layers
+                     if (layer.base_quantization or layer.quantized_by) and not layer.loldu_merged]
         if quantized:
             raise ValueError(f"{where}: {quantized} have a quantized base; a reversible merge would keep a "
                              f"full-precision copy next to it. Serve them unmerged (the kernels dequantize in the "
@@ -217,9 +219,9 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator[
     names = list(names)  # (a generator is read once, here)
     layers = layers_or_error(model, "adapter_batch")
     for name, layer in layers:
-        if not isinstance(layer, LoLDULinear):
+        if not isinstance(layer, (LoLDULinear, LoLDUQuantizedLinear)):
             raise ValueError(f"adapter_batch: layer {name!r} is a {type(layer).__name__}; mixed-adapter batches "
-                             f"support LoLDULinear layers only")
+                             f"support LoLDULinear and LoLDUQuantizedLinear layers only")
     refuse_merged(layers, "adapter_batch")
     heads = [name for name, _ in saved_modules(model)]
     if heads:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Tuple
+import sys
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from ..core.settings import check_adapter_name, warn_caller
+from ..core.settings import check_adapter_name, progress_delay, warn_caller
+from ..factors.quantized_bases import logical_shape, quantized_kind, why_not_dequantizable
 from ..layers.base import LoLDULayer
 from ..layers.registry import base_type
 from ..layers.saved import SavedModule
@@ -19,6 +21,32 @@ def loldu_root(model: nn.Module) -> nn.Module:
     """The model whose module names adapter files and the functions use: the wrapped one of a LoLDUModel (so
     that an adapter saved through the wrapper loads onto the plain base, and back)."""
     return model.get_base_model() if getattr(type(model), "is_loldu_wrapper", False) else model
+
+
+# Seconds a loop over layers runs before its progress bar appears (when asked for explicitly: at once).
+PROGRESS_DELAY = 2.0
+
+
+def layer_progress(model: nn.Module, names: List[str], where: str, progress) -> Iterator[str]:
+    """``names`` one by one, with a progress bar on stderr that names the layer and its shape (tqdm). progress:
+    None shows it, where the loop takes over PROGRESS_DELAY seconds, when stderr is a terminal and
+    LOLDU_PROGRESS is not 0; True (or LOLDU_PROGRESS=1) always, False never (core.settings.progress_delay)."""
+    delay = progress_delay(progress, PROGRESS_DELAY)
+    if delay is None or not names:
+        yield from names
+        return
+    from tqdm.auto import tqdm
+
+    modules = dict(model.named_modules())
+    with tqdm(total=len(names), desc=where, unit="layer", delay=delay,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        for name in names:
+            module = modules.get(name)
+            weight = getattr(module, "weight", None)
+            shape = "x".join(str(n) for n in logical_shape(module)) if isinstance(weight, torch.Tensor) else "?"
+            bar.set_postfix_str(f"{name} ({shape})", refresh=delay == 0.0)
+            yield name
+            bar.update(1)
 
 
 def loldu_layers(model: nn.Module) -> List[Tuple[str, LoLDULayer]]:
@@ -34,6 +62,11 @@ def why_not_adaptable(name: str, module: nn.Module, parent: Optional[nn.Module])
         return f"{type(module).__name__} is not an nn.Linear, nn.Conv2d or nn.Embedding"
     if isinstance(module, LoLDULayer):
         return None
+    kind = quantized_kind(module)
+    if kind is not None:  # its own forward runs (LoLDUQuantizedLinear keeps it as base_layer)
+        if "forward" in vars(module) and not accelerate_hooked(module):
+            return "its forward is replaced on the instance, which LoLDU would bypass"
+        return why_not_dequantizable(module, kind)
     if parametrize.is_parametrized(module):
         return ("its weight is computed by a parametrization (weight_norm, spectral_norm, ...), which LoLDU "
                 "would bypass; remove it first (torch.nn.utils.parametrize.remove_parametrizations)")
