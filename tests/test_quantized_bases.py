@@ -20,6 +20,7 @@ from kernel_checks import assert_close, outside, tolerance
 from loldu_triton import (LoLDUConfig, adapter_batch, add_loldu, disable_loldu, export_lora, get_loldu_model,
                           get_loldu_params, load_loldu, loldu_layers, merge_loldu, remove_loldu, save_loldu,
                           set_adapter, unmerge_loldu)
+from loldu_triton.core.fileformat import read_adapter
 from loldu_triton.factors.quantized_bases import dequantized_weight, logical_shape, quantized_kind
 from loldu_triton.layers.quantized import LoLDUQuantizedLinear
 
@@ -343,7 +344,7 @@ def test_refusals_name_the_layer_and_change_nothing():
         LoLDUQuantizedLinear.from_base(quantize_by_hand(nn.Sequential(nn.Linear(32, 16)), "bnb-nf4")[0], 17)
 
 
-def test_a_4bit_weight_repacked_for_the_cpu_kernel_is_refused_by_name():
+def test_a_4bit_weight_repacked_for_the_cpu_kernel_is_refused_by_name(tmp_path):
     model = quantize_by_hand(nn.Sequential(nn.Linear(128, 64)), "bnb-nf4")
     if not getattr(model[0], "support_avx512bf16_for_cpu", False):
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack 4-bit weights here")
@@ -352,15 +353,51 @@ def test_a_4bit_weight_repacked_for_the_cpu_kernel_is_refused_by_name():
         model(torch.randn(2, 128))
     with pytest.raises(ValueError, match=r"cannot adapt '0': bitsandbytes repacked its 4-bit weight"):
         add_loldu(model, rank=2, target_modules=["0"])
-    # added before: the fingerprint was taken then, so the adapter still saves after such a forward
+    # added before: the fingerprint was taken then, so the adapter still saves after such a forward (as after a
+    # Trainer's evaluation or generate)
     model = quantize_by_hand(nn.Sequential(nn.Linear(128, 64)), "bnb-nf4")
     add_loldu(model, rank=2)
+    with torch.no_grad():
+        model[0].d.mul_(1.5)
     model.eval()
     with torch.no_grad():
         model(torch.randn(2, 128))
+    save_loldu(model, tmp_path)
+    _, tensors, _ = read_adapter(tmp_path)
+    assert torch.equal(tensors["0.d"], model[0].d.detach()) and torch.equal(tensors["0.s"], model[0].s.detach())
     with pytest.raises(ValueError, match="repacked its 4-bit weight"):
         merge_loldu(model)
     assert isinstance(model[0], LoLDUQuantizedLinear)
+
+
+@pytest.mark.parametrize("kind", ["bnb-int8", "bnb-nf4"])  # (no bias; nf4 with bitsandbytes' float32 default)
+def test_a_merge_of_a_bf16_quantized_model_gives_layers_in_the_models_dtype(kind, tmp_path):
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = quantize_by_hand(tf.LlamaForCausalLM(config).to(torch.bfloat16), kind)
+    wrapped = get_loldu_model(model, LoLDUConfig(rank=8, target_modules=["q_proj", "v_proj"]))
+    assert model.model.layers[0].self_attn.q_proj.L.dtype == torch.float32  # the factors: the base's compute dtype
+    with pytest.warns(UserWarning, match="round"):
+        plain = wrapped.merge_and_unload()
+    q_proj = plain.model.layers[0].self_attn.q_proj
+    assert type(q_proj) is nn.Linear and q_proj.weight.dtype == torch.bfloat16
+    assert plain(ids()).logits.dtype == torch.bfloat16  # runs in the model's dtype
+
+
+def test_a_quantized_bases_adapter_loads_as_a_named_adapter_onto_a_plain_model(tmp_path):
+    model = quantized_llama("bnb-nf4")
+    add_loldu(model, rank=4, target_modules=ATTN)
+    train(model)
+    save_loldu(model, tmp_path)
+    full = tiny_llama()
+    with pytest.warns(UserWarning, match="not byte-identical"):
+        load_loldu(full, tmp_path, adapter_name="tuned")  # new layers: they take the adapter's pivot order
+    saved = {name: layer.d.detach() for name, layer in loldu_layers(model)}
+    for name, layer in loldu_layers(full):
+        assert torch.equal(layer.adapter_values("tuned")[0].cpu(), saved[name].cpu())
 
 
 @pytest.mark.parametrize("kind", ["bnb-nf4", "bnb-int8"])

@@ -3,6 +3,7 @@ adapter file format (core.fileformat), with the checks of a base weight against 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -20,8 +21,8 @@ from ..layers.base import LoLDULayer
 from ..layers.registry import base_type, layer_class
 from ..layers.saved import SavedModule
 from ..model.heads import saved_modules
-from ..model.targeting import (adapter_layers, layer_progress, loldu_layers, loldu_root, offloaded_reason, refuse_merged,
-                               replace_module, why_not_adaptable)
+from ..model.targeting import (adapter_layers, layer_progress, loldu_layers, loldu_root, offloaded_reason,
+                               refuse_merged, replace_module, why_not_adaptable)
 
 
 def layer_record(layer: LoLDULayer, sha256: str, precision: str) -> dict:
@@ -35,7 +36,7 @@ def common_config(layers) -> Optional[LoLDUConfig]:
     """The one LoLDUConfig from which add_loldu rebuilds exactly these layers, or None when there is none (the
     layers were adapted with different settings)."""
     ranks = [layer.rank for _, layer in layers]
-    fulls = [min(layer.weight2d().shape) for _, layer in layers]
+    fulls = [min(logical_shape(layer)[0], math.prod(logical_shape(layer)[1:])) for _, layer in layers]
     top = max(ranks)
     if len(set(ranks)) > 1 and ranks == fulls:
         rank = "full"
@@ -215,7 +216,7 @@ def load_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None,
             if isinstance(module, LoLDULayer):
                 target.base_requires_grad = module.base_requires_grad
             replaces = True
-        follow = follows_pivots(target, spec, named)
+        follow = follows_pivots(target, spec, named and not replaces)  # (a new layer: no adapter shares it)
         if follow and replaces:  # a new layer, not in the model yet
             target.follow_pivots(spec["pivots"])
         check_base(name, target, spec, directory, follow)

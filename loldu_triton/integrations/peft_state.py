@@ -11,7 +11,7 @@ import torch.nn as nn
 from ..core.fileformat import LAYER_FIELDS
 from ..core.settings import check_fields
 from ..model.heads import saved_modules
-from ..model.targeting import loldu_layers
+from ..model.targeting import loldu_layers, model_float_dtype
 
 STATE_FORMAT = "loldu-triton-model"
 
@@ -60,8 +60,11 @@ def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), []).append(name)
     replaced = {}
+    dtype = model_float_dtype(model)
     for name, layer in layers:
         plain = layer.to_base(merge=True)
+        if getattr(layer, "quantized_by", None) and dtype is not None:  # as merge_loldu: in the model's dtype
+            plain.to(dtype)
         replaced.update({alias: plain for alias in names[id(layer)]})
     replaced.update({name: module.running_module() for name, module in saved_modules(model)})
     adapted = {layer.weight.data_ptr(): name for name, layer in layers}

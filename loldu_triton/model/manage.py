@@ -13,7 +13,7 @@ from ..layers.batch import COMPILED_BATCH, batch_rows_scope
 from ..layers.linear import LoLDULinear
 from .heads import activate_saved, delete_saved, saved_modules, unwrap_saved
 from ..layers.quantized import LoLDUQuantizedLinear
-from .targeting import layers_or_error, list_adapters, loldu_layers, refuse_merged, replace_module
+from .targeting import layers_or_error, list_adapters, loldu_layers, model_float_dtype, refuse_merged, replace_module
 
 
 # The state rules (README, "Guarantees"): each layer has two independent flags, enabled and merged, and its
@@ -85,6 +85,10 @@ def _unwrap(model: nn.Module, merge: bool, where: str) -> None:
         raise ValueError(f"{where}: the model itself is a {type(model).__name__}; use its to_base(merge=...) "
                          f"method")
     bases = [(layer, layer.to_base(merge)) for _, layer in layers]  # every one built before any is swapped
+    dtype = model_float_dtype(model) if merge else None
+    for layer, base in bases:
+        if dtype is not None and isinstance(layer, LoLDUQuantizedLinear):  # its factors' dtype may not be the model's
+            base.to(dtype)
     for layer, base in bases:
         replace_module(model, layer, base)
 

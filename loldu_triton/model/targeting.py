@@ -55,6 +55,17 @@ def loldu_layers(model: nn.Module) -> List[Tuple[str, LoLDULayer]]:
     return [(name, m) for name, m in loldu_root(model).named_modules() if isinstance(m, LoLDULayer)]
 
 
+def model_float_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The floating dtype that holds most of the model's own weights (LoLDU's d and s and quantized codes not
+    counted): the dtype a full-precision layer merged from a quantized base must compute in to fit the model."""
+    sizes: Dict[torch.dtype, int] = {}
+    adapter = {id(p) for _, layer in loldu_layers(model) for p in (layer.d, layer.s)}
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype.itemsize > 1 and id(p) not in adapter:
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    return max(sizes, key=sizes.get) if sizes else None
+
+
 def why_not_adaptable(name: str, module: nn.Module, parent: Optional[nn.Module]) -> Optional[str]:
     """None when a LoLDU layer can stand in for this module, else the reason it cannot."""
     base = base_type(module)
