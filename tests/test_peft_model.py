@@ -72,7 +72,8 @@ def test_a_peft_script_for_a_tiny_llama_runs_with_two_lines_changed(tmp_path, ca
     reloaded = LoLDUModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
     assert not any(p.requires_grad for p in reloaded.parameters()) and not reloaded.training
     assert torch.equal(logits(reloaded, ids), trained)  # the same float32 ops on the same values
-    assert reloaded.peft_config["default"].rank == 4
+    assert reloaded.peft_config["default"].rank == 4 and reloaded.peft_config["default"].dropout == 0.05
+    assert [layer.dropout for _, layer in loldu_layers(reloaded)] == [0.05] * 4  # for is_trainable=True
     # generate reaches the wrapped model
     out = reloaded.generate(input_ids=ids[:1, :4], max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 7)

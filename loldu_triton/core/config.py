@@ -22,8 +22,8 @@ class LoLDUConfig:
       nn.Embedding too.
     - base_quantization: None, "int8" or "fp8": keep each adapted nn.Linear's frozen weight quantized.
     - backend: "auto", "torch" or "triton" (a runtime choice; adapter files do not record it).
-    - dropout: PEFT's lora_dropout, on the rank-r path's input only, in training mode (a float in [0, 1); a
-      training setting that adapter files do not record).
+    - dropout: PEFT's lora_dropout, on the rank-r path's input only, in training mode (a float in [0, 1);
+      adapter files record it with the other settings).
     - exclude_modules: layer names (suffix match) or a regex (full match) that target_modules must not take.
     - modules_to_save: modules (a classifier head, say; names match by suffix) that train in full and are saved
       with the adapter, one copy per adapter, as PEFT's. task_type="SEQ_CLS" adds "classifier" and "score".

@@ -42,7 +42,7 @@ MAX_FILE_BYTES = 1 << 30
 PIVOT_VALUE_RTOL = 1e-2
 # The LoLDUConfig fields a layer's record holds, and those of the file's common config (its top level).
 LAYER_FIELDS = ("rank", "alpha", "init", "init_seed", "base_quantization")
-COMMON_FIELDS = LAYER_FIELDS + ("target_modules",)
+COMMON_FIELDS = LAYER_FIELDS + ("target_modules", "dropout")  # (dropout: absent in older files, so 0)
 # The numbers a base weight's sketch holds: its Frobenius norm and this many bilinear probes.
 SKETCH_PROBES = 8
 # The base layer types an adapter can be for, by name.

@@ -51,12 +51,12 @@ def common_config(layers) -> Optional[LoLDUConfig]:
         alpha = None
     else:
         return None
-    settings = {(layer.init, layer.init_seed, layer.base_quantization) for _, layer in layers}
+    settings = {(layer.init, layer.init_seed, layer.base_quantization, layer.dropout) for _, layer in layers}
     if len(settings) != 1:
         return None
-    init, init_seed, quantization = settings.pop()
+    init, init_seed, quantization, dropout = settings.pop()
     return LoLDUConfig(rank=rank, alpha=alpha, init=init, init_seed=init_seed, base_quantization=quantization,
-                       target_modules=[name for name, _ in layers])
+                       target_modules=[name for name, _ in layers], dropout=dropout)
 
 
 def save_loldu(model: nn.Module, directory, adapter_name: Optional[str] = None, overwrite: bool = False) -> Path:

@@ -218,6 +218,10 @@ class LoLDUModel(nn.Module):
             load_loldu(model, directory, adapter_name=adapter_name)
             delete_adapter(set_adapter(model, adapter_name), "default")
             wrapped = LoLDUModel(model, adapter_config(directory), adapter_name)
+        config = wrapped.peft_config.get(adapter_name)
+        for _, layer in loldu_layers(model):
+            if config is not None and layer.input_dropout:  # (a training setting: acts only in training mode)
+                layer.dropout = config.dropout
         mark_only_loldu_as_trainable(model)
         if not is_trainable:
             model.requires_grad_(False)
