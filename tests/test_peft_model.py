@@ -469,3 +469,11 @@ def test_a_merged_save_of_a_tied_weight_that_computes_with_w0_elsewhere_is_refus
     assert not (tmp_path / "merged").exists()
     model.save_pretrained(tmp_path / "adapter")  # the adapter saves
     assert (tmp_path / "adapter" / ADAPTER_NAME).is_file()
+
+
+def test_the_state_dict_of_a_wrapper_merged_for_good_is_empty_but_readable():
+    model = get_loldu_model(tiny_llama(), LoLDUConfig(r=4, target_modules=["q_proj"]))
+    merge_loldu(model)  # the functional verb on the wrapper: plain layers, no adapter left
+    state = model.state_dict()
+    assert list(state) == ["_extra_state"]
+    model.load_state_dict(state)  # nothing to load, nothing refused

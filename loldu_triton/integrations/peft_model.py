@@ -27,6 +27,7 @@ from ..model.manage import (delete_adapter, disable_loldu, get_active_adapter, m
                             set_adapter, unmerge_loldu)
 from ..model.targeting import list_adapters, loldu_layers
 from .peft_state import STATE_FORMAT, keep_adapter_only, layer_settings, merged_state_dict, read_extra_state
+
 TRAINER_WEIGHTS = "model.safetensors"  # what transformers.Trainer writes for a model that is not its own kind
 _CLASSES: Dict[type, type] = {}
 
@@ -253,10 +254,12 @@ class LoLDUModel(nn.Module):
     def get_extra_state(self) -> torch.Tensor:
         """The settings and pivot rows (the base's fingerprint) of each layer, as bytes: a Trainer's safetensors
         file holds only tensors, and this is what rebuilds the layers (LoLDUModel.from_pretrained)."""
-        text = json.dumps({"format": STATE_FORMAT, "active_adapter": self.active_adapter,
+        layers = loldu_layers(self)
+        active = self.active_adapter if layers else "default"  # (merged for good or removed: no layer left)
+        text = json.dumps({"format": STATE_FORMAT, "active_adapter": active,
                            "peft_config": {k: v.to_dict() for k, v in self.peft_config.items()},
                            "layers": {name: {"settings": layer_settings(layer), "pivots": layer.pivots.tolist()}
-                                      for name, layer in loldu_layers(self)},
+                                      for name, layer in layers},
                            "modules_to_save": [name for name, _ in saved_modules(self)]})
         return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
 
