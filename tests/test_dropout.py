@@ -81,6 +81,23 @@ def reference_args(layer, x, dy, keep, weight=None):
     return tuple(a.detach().double() if isinstance(a, torch.Tensor) else a for a in args)
 
 
+def rows_reference(layer, names, repeat):
+    """The float64 reference under adapter_batch(names), each name's rows ``repeat`` times: e per row, the
+    trainable adapter's through d and s (so that their gradients come out), the others fixed."""
+    table = torch.cat([torch.zeros(1, layer.rank), layer.delta_diagonal().detach()[None], layer.adapter_table])
+    rows = torch.tensor([layer.batch_table_row(n) for n in names]).repeat_interleave(repeat)
+    trainable = (rows == 1).double()[:, None]
+    fixed = table.double()[rows] * (1 - trainable)
+
+    def ref(x, weight, bias, L, U, d, s, d0, s0, keep, dy):
+        x, d, s = (t.detach().clone().requires_grad_(True) for t in (x, d, s))
+        e = delta_diagonal(d, s, d0, s0) * trainable + fixed
+        y = x @ weight.T + bias + ((x * keep) @ U.T * e) @ L.T
+        return [y.detach()] + list(torch.autograd.grad(y, (x, d, s), dy))
+
+    return ref
+
+
 def check_step(layer, x, dy, dtype, p=P, name=""):
     got = step(layer, x, dy)
     x2 = x.detach().reshape(-1, x.shape[-1])
@@ -254,18 +271,7 @@ def test_adapter_batch_applies_dropout_to_every_row():
             layer.eval()
             y_eval = layer(x)
             layer.train()
-    table = torch.cat([torch.zeros(1, R), layer.delta_diagonal().detach()[None], layer.adapter_table])
-    rows = torch.tensor([layer.batch_table_row(n) for n in names]).repeat_interleave(3)
-    trainable = (rows == 1).double()[:, None]
-    # the float64 e per row: the trainable one through d and s (so that their gradients come out), the others fixed
-    fixed = table.double()[rows] * (1 - trainable)
-
-    def ref(x, weight, bias, L, U, d, s, d0, s0, keep, dy):
-        x, d, s = (t.detach().clone().requires_grad_(True) for t in (x, d, s))
-        e = delta_diagonal(d, s, d0, s0) * trainable + fixed
-        y = x @ weight.T + bias + ((x * keep) @ U.T * e) @ L.T
-        return [y.detach()] + list(torch.autograd.grad(y, (x, d, s), dy))
-
+    ref = rows_reference(layer, names, repeat=3)
     keep = kept(x2, P)
     args = reference_args(layer, x2, dy.reshape(-1, N), keep)
     flat = [got[0].reshape(-1, N), got[1].reshape(-1, K), got[2], got[3]]

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn as nn
 from kernel_checks import assert_float64_close
-from test_dropout import K, N, P, check_no_grad_call, inputs, kept, make_layer, reference, reference_args, step
+from test_dropout import (K, N, P, check_no_grad_call, inputs, kept, make_layer, reference, reference_args,
+                          rows_reference, step)
 
 import loldu_triton.kernels.launch as kernels
 from loldu_triton import adapter_batch
-from loldu_triton.core.formulas import delta_diagonal
 
 ENTRY_POINTS = ("run_forward", "run_backward", "run_backward_base", "run_forward_rows", "run_backward_rows",
                 "run_merge")
@@ -74,17 +74,7 @@ def test_triton_adapter_batch_with_dropout(calls):
     x, dy = inputs(shape=(3, 4, K))
     with adapter_batch(nn.Sequential(layer), names):
         got = step(layer, x, dy)[:4]
-    table = torch.cat([torch.zeros(1, layer.rank), layer.delta_diagonal().detach()[None], layer.adapter_table])
-    rows = torch.tensor([layer.batch_table_row(n) for n in names]).repeat_interleave(4)
-    trainable = (rows == 1).double()[:, None]
-    fixed = table.double()[rows] * (1 - trainable)
-
-    def ref(x, weight, bias, L, U, d, s, d0, s0, keep, dy):
-        x, d, s = (t.detach().clone().requires_grad_(True) for t in (x, d, s))
-        e = delta_diagonal(d, s, d0, s0) * trainable + fixed
-        y = x @ weight.T + bias + ((x * keep) @ U.T * e) @ L.T
-        return [y.detach()] + list(torch.autograd.grad(y, (x, d, s), dy))
-
+    ref = rows_reference(layer, names, repeat=4)
     x2 = x.detach().reshape(-1, K)
     flat = [got[0].reshape(-1, N), got[1].reshape(-1, K), got[2], got[3]]
     assert_float64_close(flat, ref, *reference_args(layer, x2, dy.reshape(-1, N), kept(x2, P)), name="rows")
