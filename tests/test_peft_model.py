@@ -477,3 +477,19 @@ def test_the_state_dict_of_a_wrapper_merged_for_good_is_empty_but_readable():
     state = model.state_dict()
     assert list(state) == ["_extra_state"]
     model.load_state_dict(state)  # nothing to load, nothing refused
+
+
+def test_exclude_modules_leaves_a_layer_out_before_it_is_checked():
+    from loldu_triton import add_loldu
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 8),
+                                   torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(8, 8)))
+
+    with pytest.raises(ValueError, match=r"cannot adapt '1': its weight is computed by a parametrization"):
+        add_loldu(model(), rank=2, target_modules=r"\d")
+    adapted = add_loldu(model(), rank=2, target_modules=r"\d", exclude_modules=["1"])
+    assert [n for n, _ in loldu_layers(adapted)] == ["0"]
+    with pytest.raises(ValueError, match=r"no layer to adapt \(exclude_modules='\.\*' left none\)"):
+        add_loldu(model(), rank=2, target_modules=r"\d", exclude_modules=".*")

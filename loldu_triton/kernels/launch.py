@@ -148,7 +148,8 @@ def _check_side(x, x_side, route="side"):
         raise ValueError(f"x_side must be {x.dtype} of shape {tuple(x.shape)} on {x.device}, like x; got "
                          f"{x_side.dtype} {tuple(x_side.shape)} on {x_side.device}")
     if route != "side":
-        raise ValueError(f"x_side (dropout(x)) needs the 'side' route; the merged one applies the delta to x")
+        raise ValueError(f"x_side (dropout(x)) needs the 'side' route, not {route!r}: the merged one applies the "
+                         f"delta to x")
 
 
 def backward(dy: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, L: torch.Tensor, U: torch.Tensor,

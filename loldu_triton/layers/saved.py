@@ -45,11 +45,10 @@ class SavedModule(nn.Module):
     def activate(self, adapter_name: str) -> None:
         """Make ``adapter_name``'s copy the one that runs and trains (a copy of the original when it has none)."""
         if adapter_name not in self.modules_to_save:
-            self.active_adapter = adapter_name
             self.add_copy(adapter_name)
+        self.active_adapter = adapter_name
         for name, module in self.modules_to_save.items():
             module.requires_grad_(name == adapter_name)
-        self.active_adapter = adapter_name
 
     def forward(self, *args, **kwargs):
         return self.running_module()(*args, **kwargs)

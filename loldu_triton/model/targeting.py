@@ -157,8 +157,11 @@ def select_targets(model, target_modules,
     def reason(name):
         return offloaded_reason(name, modules) or why_not_adaptable(name, modules[name], parents.get(name))
 
+    def excluded(name):  # (left out before any check: an excluded layer need not be adaptable)
+        return exclude is not None and name_matches(name, exclude)
+
     if target_modules is None or target_modules == "all-linear":
-        typed = [n for n, m in modules.items() if n and by_type(m)]
+        typed = [n for n, m in modules.items() if n and by_type(m) and not excluded(n)]
         offloaded = [n for n in typed if offloaded_reason(n, modules)]
         if offloaded:  # never left out silently: the user asked for every layer
             raise ValueError(f"add_loldu: cannot adapt {offloaded}: {offloaded_reason(offloaded[0], modules)}")
@@ -180,18 +183,17 @@ def select_targets(model, target_modules,
         else:
             chosen = []
             for target in target_modules:
-                hits = [n for n in layers if n == target or n.endswith("." + target)]
+                hits = [n for n in layers if name_matches(n, [target])]
                 if not hits:
-                    inside = [h for h in heads if h == target or h.endswith("." + target)]
+                    inside = [h for h in heads if name_matches(h, [target])]
                     raise ValueError(f"add_loldu: target_modules entry {target!r} matches no nn.Linear, "
                                      f"nn.Conv2d or nn.Embedding layer"
                                      + (f" outside modules_to_save {inside} (they train in full)" if inside else ""))
                 chosen += [n for n in hits if n not in chosen]
+        chosen = [n for n in chosen if not excluded(n)]
         for n in chosen:
             if reason(n):
                 raise ValueError(f"add_loldu: cannot adapt {n!r}: {reason(n)}")
-    if exclude is not None:
-        chosen = [n for n in chosen if not name_matches(n, exclude)]
     if not chosen:
         raise ValueError("add_loldu: the model has no layer to adapt"
                          + (f" (exclude_modules={exclude!r} left none)" if exclude is not None else ""))
